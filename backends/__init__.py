@@ -1,0 +1,1 @@
+"""Storage backends: one DBInterface implementation per module (filesystem, sql, mongo)."""

@@ -1,0 +1,230 @@
+"""Documents holding numpy arrays and torch tensors <-> a portable JSON form.
+
+Every backend stores the output of :func:`encode`: plain JSON values (dicts with
+string keys, lists, strings, finite numbers, booleans, null).  Anything else is
+written as a tagged object ``{"$ptutils": kind, ...}``: arrays and tensors as
+raw bytes + dtype + shape (inline base64 when small, an out-of-line blob with a
+SHA-256 when large), tuples, bytes, datetimes, non-finite floats and integers
+beyond 64 bits.  :func:`decode` restores the same types, dtypes, shapes and
+values.  Nothing here ever uses pickle: bytes are only ever interpreted as the
+numeric dtype recorded beside them.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import hashlib
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CodecError, CorruptionError
+
+TAG = "$ptutils"
+BLOB_THRESHOLD = 64 * 1024
+"""Arrays, tensors and bytes larger than this many bytes go out of line as blobs."""
+
+_INT64 = 2**63
+_NUMPY_KINDS = "biufcmMSU"
+_TORCH_DTYPES = {
+    str(dt).removeprefix("torch."): dt
+    for dt in (
+        torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+        torch.uint16, torch.uint32, torch.uint64, torch.float16, torch.bfloat16,
+        torch.float32, torch.float64, torch.complex32, torch.complex64, torch.complex128,
+        torch.float8_e4m3fn, torch.float8_e5m2,
+    )
+}
+
+PutBlob = Callable[[bytes], str]
+GetBlob = Callable[[str], bytes]
+
+
+def _sha256(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _pack(data: bytes, put_blob: PutBlob | None, threshold: int, path: str) -> dict:
+    """Bytes inline (base64) or, when large and a blob store is given, as a blob ref."""
+    if put_blob is not None and len(data) > threshold:
+        return {"blob": put_blob(data), "nbytes": len(data), "sha256": _sha256(data)}
+    return {"data": base64.b64encode(data).decode("ascii")}
+
+
+def _unpack(obj: Mapping, get_blob: GetBlob | None, path: str) -> bytes:
+    if "data" in obj:
+        try:
+            return base64.b64decode(obj["data"], validate=True)
+        except (ValueError, TypeError) as exc:
+            raise CorruptionError(path or "<root>", f"inline data is not valid base64 ({exc})") from exc
+    if "blob" not in obj:
+        raise CodecError(path, "tagged value has neither 'data' nor 'blob'")
+    if get_blob is None:
+        raise CodecError(path, f"value is stored in blob {obj['blob']!r} but no blob store was given")
+    data = get_blob(obj["blob"])
+    if len(data) != obj.get("nbytes") or _sha256(data) != obj.get("sha256"):
+        raise CorruptionError(f"blob {obj['blob']!r} at {path or '<root>'}", "checksum mismatch (torn or corrupt)")
+    return data
+
+
+def _key_path(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def encode(value: Any, *, put_blob: PutBlob | None = None, threshold: int = BLOB_THRESHOLD, _path: str = "") -> Any:
+    """Encode ``value`` into the portable form; large payloads go through ``put_blob``."""
+    enc = lambda v, p: encode(v, put_blob=put_blob, threshold=threshold, _path=p)  # noqa: E731
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        if -_INT64 <= value < _INT64:
+            return value
+        return {TAG: "int", "value": str(value)}
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {TAG: "float", "value": repr(value)}
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise CodecError(_path, f"dict keys must be strings, got {type(key).__name__} {key!r}")
+            if key.startswith("$") or "\x00" in key:
+                raise CodecError(_key_path(_path, key), "keys may not start with '$' or contain NUL")
+            out[key] = enc(item, _key_path(_path, key))
+        return out
+    if isinstance(value, list):
+        return [enc(v, f"{_path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, tuple):
+        return {TAG: "tuple", "items": [enc(v, f"{_path}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, torch.Tensor):
+        return _encode_tensor(value, put_blob, threshold, _path)
+    if isinstance(value, np.ndarray):
+        return _encode_ndarray(value, put_blob, threshold, _path)
+    if isinstance(value, np.generic):
+        arr = np.asarray(value)
+        if arr.dtype.kind not in _NUMPY_KINDS:
+            raise CodecError(_path, f"numpy scalar of dtype {arr.dtype} cannot be stored")
+        return {TAG: "npscalar", "dtype": arr.dtype.str, "data": base64.b64encode(arr.tobytes()).decode()}
+    if isinstance(value, (bytes, bytearray)):
+        return {TAG: "bytes", "type": type(value).__name__, **_pack(bytes(value), put_blob, threshold, _path)}
+    if isinstance(value, _dt.datetime):
+        return {TAG: "datetime", "iso": value.isoformat()}
+    raise CodecError(_path, f"cannot store a {type(value).__module__}.{type(value).__qualname__}")
+
+
+def _encode_ndarray(arr: np.ndarray, put_blob: PutBlob | None, threshold: int, path: str) -> dict:
+    if arr.dtype.kind not in _NUMPY_KINDS or arr.dtype.fields is not None:
+        raise CodecError(path, f"numpy arrays of dtype {arr.dtype} cannot be stored (no object/structured arrays)")
+    data = np.ascontiguousarray(arr).tobytes()
+    return {TAG: "ndarray", "dtype": arr.dtype.str, "shape": list(arr.shape), **_pack(data, put_blob, threshold, path)}
+
+
+def _encode_tensor(t: torch.Tensor, put_blob: PutBlob | None, threshold: int, path: str) -> dict:
+    if t.layout != torch.strided or t.is_quantized:
+        raise CodecError(path, f"only dense tensors can be stored, got layout {t.layout}")
+    name = str(t.dtype).removeprefix("torch.")
+    if name not in _TORCH_DTYPES:
+        raise CodecError(path, f"tensors of dtype {t.dtype} cannot be stored")
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    out = {TAG: "tensor", "dtype": name, "shape": list(t.shape), **_pack(data, put_blob, threshold, path)}
+    if isinstance(t, torch.nn.Parameter):
+        out["parameter"] = True
+    if t.requires_grad:
+        out["requires_grad"] = True
+    return out
+
+
+def decode(value: Any, *, get_blob: GetBlob | None = None, _path: str = "") -> Any:
+    """Rebuild the original value from its portable form, fetching blobs with ``get_blob``."""
+    if isinstance(value, list):
+        return [decode(v, get_blob=get_blob, _path=f"{_path}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, Mapping):
+        return value
+    kind = value.get(TAG)
+    if kind is None:
+        return {k: decode(v, get_blob=get_blob, _path=_key_path(_path, k)) for k, v in value.items()}
+    try:
+        return _decode_tagged(kind, value, get_blob, _path)
+    except (CodecError, CorruptionError):
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CorruptionError(_path or "<root>", f"malformed {kind!r} value: {exc}") from exc
+
+
+def _decode_tagged(kind: str, obj: Mapping, get_blob: GetBlob | None, path: str) -> Any:
+    if kind == "tuple":
+        return tuple(decode(v, get_blob=get_blob, _path=f"{path}[{i}]") for i, v in enumerate(obj["items"]))
+    if kind == "int":
+        return int(obj["value"])
+    if kind == "float":
+        if obj["value"] not in ("nan", "inf", "-inf"):
+            raise ValueError(f"not a non-finite float: {obj['value']!r}")
+        return float(obj["value"])
+    if kind == "datetime":
+        return _dt.datetime.fromisoformat(obj["iso"])
+    if kind == "bytes":
+        data = _unpack(obj, get_blob, path)
+        return bytearray(data) if obj.get("type") == "bytearray" else data
+    if kind == "npscalar":
+        dtype = _numpy_dtype(obj["dtype"], path)
+        return np.frombuffer(base64.b64decode(obj["data"], validate=True), dtype=dtype)[0]
+    if kind == "ndarray":
+        dtype = _numpy_dtype(obj["dtype"], path)
+        shape = _shape(obj["shape"], path)
+        data = _unpack(obj, get_blob, path)
+        _check_size(len(data), dtype.itemsize, shape, path)
+        return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+    if kind == "tensor":
+        dtype = _TORCH_DTYPES.get(obj["dtype"])
+        if dtype is None:
+            raise CodecError(path, f"unknown tensor dtype {obj['dtype']!r}")
+        shape = _shape(obj["shape"], path)
+        data = _unpack(obj, get_blob, path)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        _check_size(len(data), itemsize, shape, path)
+        if data:
+            t = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+        else:
+            t = torch.empty(shape, dtype=dtype)
+        if obj.get("parameter"):
+            return torch.nn.Parameter(t, requires_grad=bool(obj.get("requires_grad")))
+        return t.requires_grad_(True) if obj.get("requires_grad") else t
+    raise CodecError(path, f"unknown tagged kind {kind!r}")
+
+
+def _numpy_dtype(text: Any, path: str) -> np.dtype:
+    dtype = np.dtype(str(text))
+    if dtype.kind not in _NUMPY_KINDS or dtype.fields is not None:
+        raise CodecError(path, f"refusing stored dtype {text!r}")
+    return dtype
+
+
+def _shape(shape: Any, path: str) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise CorruptionError(path or "<root>", f"invalid shape {shape!r}")
+    return tuple(shape)
+
+
+def _check_size(nbytes: int, itemsize: int, shape: tuple[int, ...], path: str) -> None:
+    expected = itemsize * math.prod(shape)
+    if nbytes != expected:
+        raise CorruptionError(path or "<root>", f"holds {nbytes} bytes, shape {list(shape)} needs {expected}")
+
+
+def blob_refs(encoded: Any) -> set[str]:
+    """Ids of every blob an encoded document points to (to delete them with it)."""
+    refs: set[str] = set()
+    stack = [encoded]
+    while stack:
+        cur = stack.pop()
+        if isinstance(cur, list):
+            stack.extend(cur)
+        elif isinstance(cur, Mapping):
+            if TAG in cur and isinstance(cur.get("blob"), str):
+                refs.add(cur["blob"])
+            stack.extend(v for k, v in cur.items() if k != "blob")
+    return refs
