@@ -78,13 +78,23 @@ def _key_path(path: str, key: str) -> str:
 def encode(value: Any, *, put_blob: PutBlob | None = None, threshold: int = BLOB_THRESHOLD, _path: str = "") -> Any:
     """Encode ``value`` into the portable form; large payloads go through ``put_blob``."""
     enc = lambda v, p: encode(v, put_blob=put_blob, threshold=threshold, _path=p)  # noqa: E731
+    if isinstance(value, np.generic):
+        # Before the Python scalars: np.float64, np.str_ and np.bytes_ subclass them.
+        arr = np.asarray(value)
+        if arr.dtype.kind not in _NUMPY_KINDS:
+            raise CodecError(_path, f"numpy scalar of dtype {arr.dtype} cannot be stored")
+        return {TAG: "npscalar", "dtype": arr.dtype.str, "data": base64.b64encode(arr.tobytes()).decode()}
     if value is None or isinstance(value, (bool, str)):
         return value
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, int):
         if -_INT64 <= value < _INT64:
-            return value
-        return {TAG: "int", "value": str(value)}
+            return int(value)
+        try:
+            return {TAG: "int", "value": str(value)}
+        except ValueError as exc:
+            raise CodecError(_path, f"integer too large to store ({exc})") from exc
     if isinstance(value, float):
+        value = float(value)
         return value if math.isfinite(value) else {TAG: "float", "value": repr(value)}
     if isinstance(value, Mapping):
         out = {}
@@ -103,11 +113,6 @@ def encode(value: Any, *, put_blob: PutBlob | None = None, threshold: int = BLOB
         return _encode_tensor(value, put_blob, threshold, _path)
     if isinstance(value, np.ndarray):
         return _encode_ndarray(value, put_blob, threshold, _path)
-    if isinstance(value, np.generic):
-        arr = np.asarray(value)
-        if arr.dtype.kind not in _NUMPY_KINDS:
-            raise CodecError(_path, f"numpy scalar of dtype {arr.dtype} cannot be stored")
-        return {TAG: "npscalar", "dtype": arr.dtype.str, "data": base64.b64encode(arr.tobytes()).decode()}
     if isinstance(value, (bytes, bytearray)):
         return {TAG: "bytes", "type": type(value).__name__, **_pack(bytes(value), put_blob, threshold, _path)}
     if isinstance(value, _dt.datetime):
@@ -128,7 +133,7 @@ def _encode_tensor(t: torch.Tensor, put_blob: PutBlob | None, threshold: int, pa
     name = str(t.dtype).removeprefix("torch.")
     if name not in _TORCH_DTYPES:
         raise CodecError(path, f"tensors of dtype {t.dtype} cannot be stored")
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    flat = t.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
     data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
     out = {TAG: "tensor", "dtype": name, "shape": list(t.shape), **_pack(data, put_blob, threshold, path)}
     if isinstance(t, torch.nn.Parameter):
@@ -151,7 +156,7 @@ def decode(value: Any, *, get_blob: GetBlob | None = None, _path: str = "") -> A
         return _decode_tagged(kind, value, get_blob, _path)
     except (CodecError, CorruptionError):
         raise
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+    except (LookupError, TypeError, ValueError, RuntimeError) as exc:
         raise CorruptionError(_path or "<root>", f"malformed {kind!r} value: {exc}") from exc
 
 
