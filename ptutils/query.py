@@ -318,8 +318,8 @@ def parse_update(changes: Mapping[str, Any]) -> Update:
             raise QueryError(f"update.{op}: expects a mapping of field paths")
         for key, value in fields.items():
             path = _check_path(key, f"update.{op}")
-            if path == ("_id",) or path[0] == "_id":
-                raise QueryError(f"update.{op}: the _id field cannot be changed")
+            if path[0] in ("_id", "_version"):
+                raise QueryError(f"update.{op}: the {path[0]} field is managed by the store and cannot be changed")
             if op == "$inc" and (_kind(value) != "number"):
                 raise QueryError(f"update.$inc.{key}: expects a number, got {value!r}")
             parts[op].append(path if op == "$unset" else (path, value))
