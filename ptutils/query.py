@@ -93,9 +93,16 @@ def _kind(value: Any) -> str | None:
     return None
 
 
-def _check_scalar(value: Any, where: str) -> Scalar:
+def _check_number(value: Any, where: str) -> None:
+    """Refuse numbers no backend stores as a JSON number (non-finite, beyond 64 bits)."""
     if isinstance(value, float) and not math.isfinite(value):
-        raise QueryError(f"{where}: non-finite number {value!r} cannot be queried")
+        raise QueryError(f"{where}: non-finite number {value!r} cannot be queried or added")
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        raise QueryError(f"{where}: integer {value} is outside the 64-bit range stored as a number")
+
+
+def _check_scalar(value: Any, where: str) -> Scalar:
+    _check_number(value, where)
     if _kind(value) is None:
         raise QueryError(
             f"{where}: only JSON scalars (None, bool, int, float, str) can be compared, "
@@ -320,8 +327,10 @@ def parse_update(changes: Mapping[str, Any]) -> Update:
             path = _check_path(key, f"update.{op}")
             if path[0] in ("_id", "_version"):
                 raise QueryError(f"update.{op}: the {path[0]} field is managed by the store and cannot be changed")
-            if op == "$inc" and (_kind(value) != "number"):
-                raise QueryError(f"update.$inc.{key}: expects a number, got {value!r}")
+            if op == "$inc":
+                if _kind(value) != "number":
+                    raise QueryError(f"update.$inc.{key}: expects a number, got {value!r}")
+                _check_number(value, f"update.$inc.{key}")
             parts[op].append(path if op == "$unset" else (path, value))
     upd = Update(tuple(parts["$set"]), tuple(parts["$unset"]), tuple(parts["$inc"]), tuple(parts["$push"]))
     seen: set[Path] = set()
