@@ -1,0 +1,309 @@
+"""Config: the validated, serialisable description of an experiment (TFUtils' ``params``).
+
+A :class:`Config` is built from a dict, a TOML file or Python objects.  It is
+validated on construction: a wrong type or an unknown key raises
+:class:`~ptutils.errors.ConfigError` naming the field path (``model.optimizer.lr``).
+Models, criteria, optimizers, schedulers, data providers and updates are given
+as *specs*: ``{"cls": "torch.optim.SGD", "lr": 0.1}`` (an import path plus
+keyword arguments) or as ready Python objects.  ``to_dict()`` gives the plain
+dict stored with the session; ``Config.from_dict(cfg.to_dict())`` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .errors import ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+def import_object(path: str, field: str = "cls") -> Any:
+    """Import ``package.module.Name`` or ``package.module:Name``; errors name ``field``."""
+    if not isinstance(path, str) or not path:
+        raise ConfigError(field, f"expected an import path such as 'torch.optim.SGD', got {path!r}")
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise ConfigError(field, f"{path!r} is not a dotted import path")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(field, f"cannot import module {module_name!r}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(field, f"module {module_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
+def build(spec: Any, field: str, *args: Any, **extra: Any) -> Any:
+    """Instantiate a spec: a mapping with ``cls`` (+ kwargs) is imported and called.
+
+    Anything else (a module, an optimizer factory, a provider object) is
+    returned as is, so Python objects and specs mix freely.
+    """
+    if not isinstance(spec, Mapping):
+        return spec
+    if "cls" not in spec:
+        raise ConfigError(field, f"a spec needs a 'cls' import path, got keys {sorted(spec)}")
+    target = import_object(spec["cls"], f"{field}.cls")
+    kwargs = {k: v for k, v in spec.items() if k != "cls"}
+    check_kwargs(target, kwargs, field, skip=len(args), extra=extra)
+    try:
+        return target(*args, **kwargs, **extra)
+    except TypeError as exc:
+        raise ConfigError(field, f"cannot build {spec['cls']}: {exc}") from exc
+
+
+def check_kwargs(target: Any, kwargs: Mapping[str, Any], field: str, *, skip: int = 0, extra: Mapping = {}) -> None:
+    """Check spec kwargs against ``target``'s signature: unknown names and plain type mismatches.
+
+    A parameter whose default is a number, bool or string must get a value of
+    that kind, so ``{"cls": "torch.optim.SGD", "lr": "fast"}`` fails as
+    ``optimizer.lr`` before anything is built.
+    """
+    try:
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return
+    params = params[skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        named = {p.name: p for p in params}
+    else:
+        named = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        for key in kwargs:
+            if key not in named:
+                raise ConfigError(f"{field}.{key}", f"unknown argument of {getattr(target, '__qualname__', target)}")
+    for key, value in kwargs.items():
+        param = named.get(key)
+        if param is None or param.default is inspect.Parameter.empty or param.default is None:
+            continue
+        default = param.default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"{field}.{key}", f"expected {type(default).__name__}, got {type(value).__name__} {value!r}")
+
+
+Spec = Any
+"""A ``{"cls": "import.path", **kwargs}`` mapping or a ready Python object."""
+
+
+def _spec(field_path: str) -> Callable[[Any, attrs.Attribute, Any], None]:
+    def check(_inst: Any, _attr: attrs.Attribute, value: Any) -> None:
+        if isinstance(value, Mapping):
+            if "cls" not in value:
+                raise ConfigError(field_path, f"a spec needs a 'cls' import path, got keys {sorted(value)}")
+            if not isinstance(value["cls"], str):
+                raise ConfigError(f"{field_path}.cls", f"expected an import path string, got {value['cls']!r}")
+
+    return check
+
+
+def _typed(field_path: str, *types: type, optional: bool = False, positive: bool = False):
+    names = " or ".join(t.__name__ for t in types) + (" or None" if optional else "")
+
+    def check(_inst: Any, _attr: attrs.Attribute, value: Any) -> None:
+        if value is None and optional:
+            return
+        if isinstance(value, bool) and bool not in types:
+            raise ConfigError(field_path, f"expected {names}, got {value!r}")
+        if not isinstance(value, types):
+            raise ConfigError(field_path, f"expected {names}, got {type(value).__name__} {value!r}")
+        if positive and isinstance(value, (int, float)) and not (value > 0 and math.isfinite(value)):
+            raise ConfigError(field_path, f"must be a positive number, got {value!r}")
+
+    return check
+
+
+@attrs.define(kw_only=True)
+class ModelConfig:
+    """What to train: the module, its loss, optimizer and optional LR scheduler."""
+
+    module: Spec = attrs.field(validator=_spec("model.module"))
+    criterion: Spec = attrs.field(default=None, validator=_spec("model.criterion"))
+    optimizer: Spec = attrs.field(default=None, validator=_spec("model.optimizer"))
+    scheduler: Spec = attrs.field(default=None, validator=_spec("model.scheduler"))
+    device: str | None = attrs.field(default=None, validator=_typed("model.device", str, optional=True))
+    grad_clip: float | None = attrs.field(
+        default=None, validator=_typed("model.grad_clip", int, float, optional=True, positive=True)
+    )
+
+
+@attrs.define(kw_only=True)
+class StageConfig:
+    """One stage of the run: its data request, train or eval mode, and budget."""
+
+    name: str = attrs.field(validator=_typed("stages[].name", str))
+    data: Any = None
+    mode: str = attrs.field(default="train")
+    max_epochs: int | None = attrs.field(
+        default=None, validator=_typed("stages[].max_epochs", int, optional=True, positive=True)
+    )
+    max_steps: int | None = attrs.field(
+        default=None, validator=_typed("stages[].max_steps", int, optional=True, positive=True)
+    )
+
+    @mode.validator
+    def _check_mode(self, _attr: attrs.Attribute, value: Any) -> None:
+        if value not in ("train", "eval"):
+            raise ConfigError("stages[].mode", f"expected 'train' or 'eval', got {value!r}")
+
+
+@attrs.define(kw_only=True)
+class CheckpointConfig:
+    """When to checkpoint, how many to keep, and optionally where (a separate DB URL)."""
+
+    every_steps: int | None = attrs.field(
+        default=None, validator=_typed("checkpoint.every_steps", int, optional=True, positive=True)
+    )
+    every_epochs: int | None = attrs.field(
+        default=1, validator=_typed("checkpoint.every_epochs", int, optional=True, positive=True)
+    )
+    keep: int = attrs.field(default=3, validator=_typed("checkpoint.keep", int, positive=True))
+    db: str | None = attrs.field(default=None, validator=_typed("checkpoint.db", str, optional=True))
+
+
+@attrs.define(kw_only=True)
+class Config:
+    """A whole experiment: everything :meth:`ptutils.session.Session.from_config` needs."""
+
+    name: str = attrs.field(default="session", validator=_typed("name", str))
+    seed: int = attrs.field(default=0, validator=_typed("seed", int))
+    db: str = attrs.field(default="file://./ptutils-runs", validator=_typed("db", str))
+    model: ModelConfig = attrs.field()
+    data: Spec = attrs.field(default=None, validator=_spec("data"))
+    stages: list[StageConfig] = attrs.field(factory=list)
+    transitions: list[dict] = attrs.field(factory=list)
+    updates: list[Spec] = attrs.field(factory=list)
+    checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
+    status_interval: float = attrs.field(default=2.0, validator=_typed("status_interval", int, float, positive=True))
+    metadata: dict = attrs.field(factory=dict, validator=_typed("metadata", dict))
+
+    @model.validator
+    def _check_model(self, _attr: attrs.Attribute, value: Any) -> None:
+        if not isinstance(value, ModelConfig):
+            raise ConfigError("model", f"expected a ModelConfig or a mapping, got {type(value).__name__}")
+
+    @stages.validator
+    def _check_stages(self, _attr: attrs.Attribute, value: Any) -> None:
+        if not isinstance(value, list):
+            raise ConfigError("stages", f"expected a list, got {type(value).__name__}")
+        names = [s.name for s in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError("stages", f"duplicate stage names {dupes}")
+
+    @transitions.validator
+    def _check_transitions(self, _attr: attrs.Attribute, value: Any) -> None:
+        for i, t in enumerate(value):
+            if not isinstance(t, Mapping):
+                raise ConfigError(f"transitions[{i}]", f"expected a mapping, got {type(t).__name__}")
+            for key in ("trigger", "source", "dest"):
+                if key not in t:
+                    raise ConfigError(f"transitions[{i}].{key}", "is required")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Config:
+        """Build and validate a Config from plain data; errors name the field path."""
+        return _structure(cls, data, "")
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Config:
+        """Load a Config from a TOML file (same layout as :meth:`to_dict`)."""
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("<file>", f"{path}: invalid TOML: {exc}") from exc
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict:
+        """A plain, JSON-friendly dict; Python objects are recorded by type and repr."""
+        return _unstructure(self)
+
+    @property
+    def rebuildable(self) -> bool:
+        """Whether every part is a spec or plain value (so the dict fully rebuilds the run)."""
+        return not _has_objects(self.to_dict())
+
+
+_NESTED: dict[tuple[type, str], type] = {
+    (Config, "model"): ModelConfig,
+    (Config, "checkpoint"): CheckpointConfig,
+}
+
+
+def _structure(cls: type, data: Any, prefix: str) -> Any:
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, Mapping):
+        raise ConfigError(prefix or "<root>", f"expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in attrs.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        path = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(path, f"unknown key (known: {', '.join(sorted(fields))})")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        path = f"{prefix}.{name}" if prefix else name
+        nested = _NESTED.get((cls, name))
+        if nested is not None:
+            value = _structure(nested, value, path)
+        elif cls is Config and name == "stages":
+            if not isinstance(value, list):
+                raise ConfigError(path, f"expected a list, got {type(value).__name__}")
+            value = [_structure(StageConfig, s, f"{path}[{i}]") for i, s in enumerate(value)]
+        kwargs[name] = value
+    missing = [f.name for f in fields.values() if f.default is attrs.NOTHING and f.name not in kwargs]
+    if missing:
+        path = f"{prefix}.{missing[0]}" if prefix else missing[0]
+        raise ConfigError(path, "is required")
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        if prefix and not exc.field.startswith(prefix):
+            field = exc.field.replace("stages[]", prefix) if exc.field.startswith("stages[]") else exc.field
+            raise ConfigError(field, str(exc).split(": ", 1)[1]) from None
+        raise
+
+
+def _unstructure(value: Any) -> Any:
+    if attrs.has(type(value)):
+        return {f.name: _unstructure(getattr(value, f.name)) for f in attrs.fields(type(value))}
+    if isinstance(value, Mapping):
+        return {str(k): _unstructure(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_unstructure(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    kind = value if isinstance(value, type) else type(value)
+    return {"object": f"{kind.__module__}.{kind.__qualname__}", "repr": repr(value)[:200]}
+
+
+def _has_objects(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return ("object" in value and "repr" in value) or any(_has_objects(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_objects(v) for v in value)
+    return False

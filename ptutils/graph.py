@@ -1,0 +1,46 @@
+"""Draw a session's state graph with ``transitions``' own diagram support (Mermaid, no graphviz)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from transitions.extensions.diagrams import HierarchicalGraphMachine
+from transitions.extensions.nesting import NestedState
+
+from .stages import SEP, machine_states, machine_transitions
+
+if TYPE_CHECKING:
+    from .session import Session
+
+
+class _State(NestedState):
+    separator = SEP
+
+
+class _GraphMachine(HierarchicalGraphMachine):
+    state_cls = _State
+
+
+class _Model:
+    pass
+
+
+def mermaid(session: Session) -> str:
+    """Mermaid ``stateDiagram-v2`` text of the session's lifecycle and stage transitions."""
+    stages = list(session.stages.values())
+    model = _Model()
+    machine = _GraphMachine(
+        model=model,
+        states=machine_states(stages),
+        transitions=[
+            {k: v for k, v in t.items() if k in ("trigger", "source", "dest")}
+            for t in machine_transitions(stages, session.stage_transitions)
+        ],
+        initial="pending",
+        auto_transitions=False,
+        graph_engine="mermaid",
+        show_conditions=False,
+    )
+    machine.set_state(session._fsm.state, model)
+    # Mermaid ids cannot hold the nested-state separator; the labels keep the stage names.
+    return model.get_graph(force_new=True).draw(None).replace(f"running{SEP}", "running_")

@@ -1,0 +1,211 @@
+"""Model: a module with its criterion, optimizer and scheduler, and their state in one place.
+
+The run loop only ever calls :meth:`Model.train_step` / :meth:`Model.eval_step`;
+updates swap the criterion, optimizer or scheduler between steps
+(:meth:`set_optimizer` and friends) without the loop knowing.  The loss comes
+back as a tensor, so nothing forces a device synchronisation unless someone
+reads its value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, build
+from .errors import ConfigError
+
+Batch = Any
+OptimizerSpec = Any
+"""An Optimizer, a callable ``params -> Optimizer`` or a ``{"cls": ..., **kwargs}`` spec."""
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def split_batch(batch: Batch) -> tuple[Any, Any]:
+    """``(inputs, targets)`` from a batch given as a pair or as a dict with input/target keys."""
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, Mapping):
+        for x, y in (("input", "target"), ("inputs", "targets"), ("image", "label"), ("x", "y")):
+            if x in batch and y in batch:
+                return batch[x], batch[y]
+    raise TypeError(
+        "a batch must be an (inputs, targets) pair or a dict with 'input'/'target' keys; "
+        f"got {type(batch).__name__} (pass Model(step_fn=...) for other layouts)"
+    )
+
+
+class Model:
+    """Module + criterion + optimizer (+ scheduler) on one device.
+
+    ``optimizer`` and ``scheduler`` may be objects, factories (``params -> opt``,
+    ``opt -> scheduler``) or specs; ``step_fn(model, batch) -> (loss, outputs)``
+    replaces the default ``criterion(module(x), y)`` for other batch layouts.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        criterion: Callable[..., torch.Tensor] | Mapping | None = None,
+        optimizer: OptimizerSpec = None,
+        scheduler: Any = None,
+        *,
+        device: str | torch.device | None = None,
+        grad_clip: float | None = None,
+        step_fn: Callable[[Model, Batch], tuple[torch.Tensor, Any]] | None = None,
+        metrics: Mapping[str, Callable[[Any, Any], torch.Tensor]] | None = None,
+    ):
+        self.device = torch.device(device) if device is not None else default_device()
+        self.module = build(module, "model.module").to(self.device)
+        self.criterion = build(criterion, "model.criterion") if criterion is not None else nn.CrossEntropyLoss()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self.grad_clip = grad_clip
+        self.track_grad_norm = False
+        self.grad_norm: torch.Tensor | None = None
+        self.step_fn = step_fn
+        self.metrics = dict(metrics or {})
+        if optimizer is not None:
+            self.set_optimizer(optimizer)
+        if scheduler is not None:
+            self.set_scheduler(scheduler)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> Model:
+        """Build from a :class:`~ptutils.config.ModelConfig`."""
+        return cls(
+            config.module,
+            config.criterion,
+            config.optimizer,
+            config.scheduler,
+            device=config.device,
+            grad_clip=config.grad_clip,
+        )
+
+    # ------------------------------------------------------------------ swapping parts
+    def set_optimizer(self, optimizer: OptimizerSpec) -> torch.optim.Optimizer:
+        """Replace the optimizer (fresh state); any scheduler is dropped with the old one."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if isinstance(optimizer, torch.optim.Optimizer):
+            opt = optimizer
+        elif isinstance(optimizer, Mapping):
+            opt = build(optimizer, "model.optimizer", params)
+        elif callable(optimizer):
+            opt = optimizer(params)
+        else:
+            raise ConfigError("model.optimizer", f"expected an optimizer, factory or spec, got {optimizer!r}")
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise ConfigError("model.optimizer", f"did not produce a torch.optim.Optimizer but {type(opt).__name__}")
+        self.optimizer = opt
+        self.scheduler = None
+        return opt
+
+    def set_scheduler(self, scheduler: Any) -> Any:
+        """Attach an LR scheduler (object, ``optimizer -> scheduler`` factory, or spec)."""
+        if self.optimizer is None:
+            raise ConfigError("model.scheduler", "needs an optimizer")
+        if isinstance(scheduler, Mapping):
+            scheduler = build(scheduler, "model.scheduler", self.optimizer)
+        elif callable(scheduler) and not hasattr(scheduler, "step"):
+            scheduler = scheduler(self.optimizer)
+        self.scheduler = scheduler
+        return scheduler
+
+    def set_criterion(self, criterion: Callable[..., torch.Tensor] | Mapping) -> None:
+        """Replace the loss function."""
+        self.criterion = build(criterion, "model.criterion")
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of every parameter group."""
+        for group in self._require_optimizer().param_groups:
+            group["lr"] = lr
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the first parameter group."""
+        return float(self._require_optimizer().param_groups[0]["lr"])
+
+    def _require_optimizer(self) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            raise ConfigError("model.optimizer", "this model has no optimizer (needed to train)")
+        return self.optimizer
+
+    # ------------------------------------------------------------------ steps
+    def forward_loss(self, batch: Batch) -> tuple[torch.Tensor, Any, Any]:
+        """Loss, outputs and targets of one batch (already on the device)."""
+        if self.step_fn is not None:
+            loss, outputs = self.step_fn(self, batch)
+            return loss, outputs, None
+        inputs, targets = split_batch(batch)
+        outputs = self.module(inputs)
+        return self.criterion(outputs, targets), outputs, targets
+
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        """One optimisation step; returns the loss tensor (detached)."""
+        opt = self._require_optimizer()
+        self.module.train(True)
+        batch = _to_device(batch, self.device)
+        opt.zero_grad(set_to_none=True)
+        loss, _, _ = self.forward_loss(batch)
+        loss.backward()
+        if self.grad_clip is not None:
+            self.grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        elif self.track_grad_norm:
+            self.grad_norm = nn.utils.get_total_norm(
+                [p.grad for p in self.module.parameters() if p.grad is not None]
+            )
+        opt.step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def eval_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss and metric values of one batch, without gradients."""
+        self.module.train(False)
+        batch = _to_device(batch, self.device)
+        loss, outputs, targets = self.forward_loss(batch)
+        values = {name: fn(outputs, targets) for name, fn in self.metrics.items()}
+        return loss.detach(), values
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Module, optimizer and scheduler state (and criterion state when it has any)."""
+        state: dict[str, Any] = {"module": self.module.state_dict()}
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        if self.scheduler is not None and hasattr(self.scheduler, "state_dict"):
+            state["scheduler"] = self.scheduler.state_dict()
+        if isinstance(self.criterion, nn.Module) and self.criterion.state_dict():
+            state["criterion"] = self.criterion.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (tensors moved to this model's device)."""
+        self.module.load_state_dict(state["module"])
+        if "optimizer" in state and self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state and self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if "criterion" in state and isinstance(self.criterion, nn.Module):
+            self.criterion.load_state_dict(state["criterion"])
+
+
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Fraction of rows whose arg-max equals the target class."""
+    return (outputs.argmax(dim=-1) == targets).float().mean()

@@ -1,0 +1,821 @@
+"""Session: an experiment as an explicit finite state machine, and the thin loop that drives it.
+
+The machine (built on ``transitions``) has the lifecycle states ``pending``,
+``running`` (with the user's stages as sub-states), ``paused``, ``complete``
+and ``failed``; see :mod:`ptutils.stages`.  :meth:`Session.run` repeats: take a
+batch from the current stage's DataLoader, step the :class:`~ptutils.model.Model`,
+call the updates (``update(session) -> session``).  Updates and polled guards
+change the course by firing triggers; every state change is written to the
+status record before it takes effect.  The per-step path touches no FSM and no
+database: status writes are throttled by time and checkpoints are periodic.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from transitions import MachineError
+from transitions.extensions.nesting import HierarchicalMachine, NestedState
+
+from . import status as status_mod
+from .checkpoint import CheckpointStore, rng_state, seed_everything, set_rng_state
+from .config import Config, build
+from .data import DataProvider, set_loader_position
+from .database import DBInterface, check_id, open_db
+from .errors import CheckpointError, SessionError, StorageError, TransitionError
+from .model import Model
+from .stages import (
+    LIFECYCLE,
+    STAGE_DONE,
+    SEP,
+    Stage,
+    StageTransition,
+    machine_states,
+    machine_transitions,
+    parse_transitions,
+    state_name,
+)
+from .status import StatusWriter
+from .update import Update
+
+log = logging.getLogger("ptutils")
+
+DEFAULT_DB = "file://./ptutils-runs"
+
+
+class _State(NestedState):
+    separator = SEP
+
+
+class _Machine(HierarchicalMachine):
+    state_cls = _State
+
+
+class _Lifecycle:
+    """The object ``transitions`` drives; the Session keeps it private so its API stays ours."""
+
+    state: str
+
+
+def _slug(name: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40].strip("-_.")
+    return keep or "session"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Session:
+    """One experiment: a Model, a DataProvider and a DBInterface, driven as a state machine.
+
+    Give ``session_id`` to attach to an existing record (resume in a new
+    process); otherwise a new id is made from ``name``.  ``checkpoint_db``
+    keeps checkpoints apart from the records (e.g. records on a server,
+    checkpoints in a local directory).
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        data: DataProvider | None = None,
+        *,
+        stages: Sequence[Stage | Mapping[str, Any] | str] = ("train",),
+        transitions: Iterable[Mapping[str, Any]] = (),
+        updates: Iterable[Update] = (),
+        db: DBInterface | str | None = None,
+        checkpoint_db: DBInterface | str | None = None,
+        name: str = "session",
+        session_id: str | None = None,
+        seed: int = 0,
+        checkpoint_every_steps: int | None = None,
+        checkpoint_every_epochs: int | None = 1,
+        keep_checkpoints: int = 3,
+        status_interval: float = 2.0,
+        start_conditions: Sequence[Callable[[Session], bool]] = (),
+        parent: Session | None = None,
+        config: Config | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ):
+        if not isinstance(model, Model):
+            raise SessionError(f"model must be a ptutils.model.Model, got {type(model).__name__}")
+        self.model = model
+        self.data = data
+        self.name = name
+        self.seed = seed
+        self.config = config
+        self.metadata = dict(metadata or {})
+        self.stages: dict[str, Stage] = {}
+        for raw in stages:
+            stage = Stage.coerce(raw)
+            if stage.name in self.stages:
+                raise SessionError(f"stage {stage.name!r} is declared twice")
+            self.stages[stage.name] = stage
+        if not self.stages:
+            raise SessionError("a session needs at least one stage")
+        self.stage_transitions: list[StageTransition] = parse_transitions(transitions, list(self.stages))
+        self.updates: list[Update] = list(updates)
+        self.model.track_grad_norm = any(getattr(u, "needs_grad_norm", False) for u in self.updates)
+        self.checkpoint_every_steps = checkpoint_every_steps
+        self.checkpoint_every_epochs = checkpoint_every_epochs
+        self.start_conditions = list(start_conditions)
+
+        self._owned: list[DBInterface] = []
+        self.db = self._open(db or DEFAULT_DB)
+        ckpt_db = self._open(checkpoint_db) if checkpoint_db is not None else self.db
+        self.id = check_id(session_id) if session_id else f"{_slug(name)}-{uuid.uuid4().hex[:10]}"
+        self._status = StatusWriter(self.db, self.id, interval=status_interval)
+        self.checkpoints = CheckpointStore(
+            ckpt_db, self.id, keep=keep_checkpoints, on_warning=lambda m: self.log_event("warning", message=m)
+        )
+
+        # Loop position and observations.
+        self.attempt = 1
+        self.stage: str = next(iter(self.stages))
+        self.step = 0
+        self.stage_step = 0
+        self.stage_epoch = 0
+        self.batch_in_epoch = 0
+        self.loss: torch.Tensor | None = None
+        self.metrics: dict[str, float] = {}
+        self.event = "step"
+        self.error: dict[str, Any] | None = None
+        self.outcome: str | None = None
+        self.parent = parent
+        self.children: list[Session] = []
+
+        self._interrupt = False
+        self._pause_reason = "requested"
+        self._loader: Any = None
+        self._loader_key: Any = None
+        self._data_override: Any = None
+        self._pending_rng: Mapping[str, Any] | None = None
+        self._needs_restore = False
+        self._eval_sums: dict[str, torch.Tensor] = {}
+        self._eval_count = 0
+        self._loader_len: int | None = None
+
+        self._fsm = _Lifecycle()
+        record = self._status.load()
+        initial = "pending" if record is None else self._initial_from_record(record)
+        self._machine = _Machine(
+            model=self._fsm,
+            states=machine_states(list(self.stages.values())),
+            transitions=machine_transitions(
+                list(self.stages.values()),
+                self.stage_transitions,
+                start_conditions=[self._start_guard],
+                write_ahead=self._write_ahead_callback,
+                stage_is=lambda name: (lambda *_a, **_k: self.stage == name),
+            ),
+            initial=initial,
+            auto_transitions=False,
+            ignore_invalid_triggers=False,
+        )
+        self._polled: dict[str, list[StageTransition]] = {s: [] for s in self.stages}
+        self._stage_done: dict[str, list[StageTransition]] = {s: [] for s in self.stages}
+        for t in self.stage_transitions:
+            for src in t.sources:
+                if t.polled:
+                    self._polled[src].append(t)
+                if t.trigger == STAGE_DONE:
+                    self._stage_done[src].append(t)
+        if record is None:
+            self._status.create(self._initial_record())
+            if parent is not None:
+                parent.add_child(self)
+        elif parent is not None and self not in parent.children:
+            parent.children.append(self)
+
+    # ------------------------------------------------------------------ construction
+    def _open(self, db: DBInterface | str) -> DBInterface:
+        if isinstance(db, DBInterface):
+            return db
+        opened = open_db(db)
+        self._owned.append(opened)
+        return opened
+
+    @classmethod
+    def from_config(cls, config: Config | Mapping[str, Any], *, session_id: str | None = None, **overrides: Any) -> Session:
+        """Build a session (model, data, updates, stages) from a Config or its dict."""
+        cfg = config if isinstance(config, Config) else Config.from_dict(config)
+        seed_everything(cfg.seed)
+        model = Model.from_config(cfg.model)
+        data = build(cfg.data, "data") if cfg.data is not None else None
+        updates = [build(u, f"updates[{i}]") for i, u in enumerate(cfg.updates)]
+        kwargs: dict[str, Any] = dict(
+            stages=cfg.stages or ("train",),
+            transitions=cfg.transitions,
+            updates=updates,
+            db=cfg.db,
+            checkpoint_db=cfg.checkpoint.db,
+            name=cfg.name,
+            seed=cfg.seed,
+            checkpoint_every_steps=cfg.checkpoint.every_steps,
+            checkpoint_every_epochs=cfg.checkpoint.every_epochs,
+            keep_checkpoints=cfg.checkpoint.keep,
+            status_interval=cfg.status_interval,
+            config=cfg,
+            metadata=cfg.metadata,
+        )
+        kwargs.update(overrides)
+        return cls(model, data, session_id=session_id, **kwargs)
+
+    def _initial_record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": "session",
+            "parent_id": self.parent.id if self.parent is not None else None,
+            "children": [],
+            "attempt": self.attempt,
+            "previous_attempt": None,
+            "history": [],
+            "state": "pending",
+            "stage": None,
+            "stages": [s.name for s in self.stages.values()],
+            "step": 0,
+            "epoch": 0,
+            "stage_step": 0,
+            "progress": 0.0,
+            "stage_progress": 0.0,
+            "eta_seconds": None,
+            "started": None,
+            "finished": None,
+            "outcome": None,
+            "error": None,
+            "blocked_by": None,
+            "metrics": {},
+            "seed": self.seed,
+            "config": self.config.to_dict() if self.config is not None else None,
+            "metadata": self.metadata,
+            "control": {"pause": False},
+        }
+
+    def _initial_from_record(self, record: Mapping[str, Any]) -> str:
+        """Take over an existing record: state, stage and counters; a dead 'running' becomes paused."""
+        self.name = record.get("name", self.name)
+        self.attempt = int(record.get("attempt", 1))
+        self.stage = record.get("stage") or self.stage
+        if self.stage not in self.stages:
+            raise SessionError(f"session {self.id!r} is in stage {self.stage!r}, which this session does not declare")
+        self.step = int(record.get("step", 0))
+        self.metrics = dict(record.get("metrics") or {})
+        self.outcome = record.get("outcome")
+        self.error = record.get("error")
+        state = record.get("state")
+        if state == "running":
+            same_host = record.get("host") == socket.gethostname()
+            dead = same_host and isinstance(record.get("pid"), int) and not _pid_alive(record["pid"])
+            if not (dead or status_mod.is_stale(record)):
+                raise SessionError(
+                    f"session {self.id!r} is running in process {record.get('pid')} on {record.get('host')} "
+                    f"(heartbeat {time.time() - float(record.get('heartbeat') or 0):.1f}s ago)"
+                )
+            self._status.write({"state": "paused", "interrupted": True, "pause_reason": "interrupted"})
+            self.log_event("interrupted")
+            state = "paused"
+        if state == "paused":
+            self._needs_restore = True
+            return "paused"
+        if state in ("pending", "complete", "failed"):
+            return state
+        raise SessionError(f"session {self.id!r} has an unknown state {state!r} in its record")
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state(self) -> str:
+        """Lifecycle state: pending, running, paused, complete or failed."""
+        return self._fsm.state.split(SEP, 1)[0]
+
+    @property
+    def is_running(self) -> bool:
+        return self._fsm.state.startswith("running")
+
+    @property
+    def current_stage(self) -> Stage:
+        return self.stages[self.stage]
+
+    @property
+    def record(self) -> dict:
+        """The status record as stored now."""
+        found = self._status.load()
+        if found is None:
+            raise SessionError(f"session {self.id!r} has no status record")
+        return found
+
+    def _fire(self, trigger: str) -> bool:
+        try:
+            return bool(self._fsm.trigger(trigger, self))
+        except MachineError as exc:
+            raise TransitionError(trigger, self._fsm.state) from exc
+
+    def trigger(self, name: str) -> bool:
+        """Fire a lifecycle or stage trigger; False when a guard refused it.
+
+        Raises TransitionError (naming state and trigger) when the trigger is
+        not allowed in the current state.
+        """
+        if name in ("pause", "resume", "stop", "complete", "restart", "start"):
+            return getattr(self, name)()
+        if name == "fail":
+            raise TransitionError("fail", self.state, "use session.fail(exception)")
+        known = {t.trigger for t in self.stage_transitions}
+        if name not in known:
+            raise TransitionError(name, self._fsm.state, f"no such trigger (known: {', '.join(sorted(set(LIFECYCLE) | known))})")
+        if not self.is_running:
+            raise TransitionError(name, self._fsm.state, "stage triggers need a running session")
+        return self._fire(name)
+
+    def start(self) -> bool:
+        """pending -> running (first stage); False, with the blocking reason recorded, if a guard refuses."""
+        started = self._fire("start")
+        if started:
+            self._begin_attempt()
+        return started
+
+    def pause(self, reason: str = "requested") -> bool:
+        """running -> paused; the loop checkpoints and returns at the next step boundary."""
+        self._pause_reason = reason
+        return self._fire("pause")
+
+    def resume(self) -> bool:
+        """paused -> running in the stage it was paused in."""
+        return self._fire("resume")
+
+    def stop(self) -> bool:
+        """End the session early: -> complete with outcome 'stopped'."""
+        self.outcome = "stopped"
+        return self._fire("stop")
+
+    def complete(self) -> bool:
+        """running -> complete with outcome 'success'."""
+        self.outcome = "success"
+        return self._fire("complete")
+
+    def fail(self, exc: BaseException) -> bool:
+        """-> failed, recording the exception type, message and traceback."""
+        self.error = {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        }
+        self.outcome = "failure"
+        return self._fire("fail")
+
+    def restart(self) -> bool:
+        """complete|failed -> pending as a new attempt (history kept, weights reset to the start)."""
+        return self._fire("restart")
+
+    # ------------------------------------------------------------------ write-ahead
+    def _start_guard(self, *_: Any) -> bool:
+        for cond in self.start_conditions:
+            try:
+                ok = cond(self)
+                reason = None if ok else f"start condition {getattr(cond, '__name__', cond)!r} is not met"
+            except Exception as exc:  # a failing guard is a blocking reason, not a crash
+                ok, reason = False, f"{type(exc).__name__}: {exc}"
+            if not ok:
+                self._status.write({"blocked_by": reason})
+                return False
+        return True
+
+    def _write_ahead_callback(self, trigger: str, dest: str) -> Callable:
+        def write_ahead(*_: Any, **__: Any) -> None:
+            self._write_ahead(trigger, dest)
+
+        return write_ahead
+
+    def _write_ahead(self, trigger: str, dest: str) -> None:
+        """Record a state change before it happens; an exception here cancels the change."""
+        state, _, stage = dest.partition(SEP)
+        fields: dict[str, Any] = {"state": state, "last_trigger": trigger}
+        push: dict[str, Any] = {}
+        now = time.time()
+        if stage and stage != self.stage:
+            push["stage_history"] = {"stage": stage, "from": self.stage if self.state == "running" else None,
+                                     "step": self.step, "time": now, "trigger": trigger}
+            self._enter_stage(stage)
+        elif stage and trigger == "start":
+            push["stage_history"] = {"stage": stage, "from": None, "step": self.step, "time": now, "trigger": trigger}
+        if stage:
+            fields["stage"] = stage
+        if trigger == "start":
+            fields.update(started=now, blocked_by=None, interrupted=False)
+        if trigger == "resume":
+            fields.update(interrupted=False, pause_reason=None)
+        if trigger == "pause":
+            reason = getattr(self, "_pause_reason", "requested")
+            if self.state == "running":
+                self.save_checkpoint(reason="pause")
+            fields.update(pause_reason=reason, **{"control.pause": False})
+        if state in ("complete", "failed"):
+            fields.update(finished=now, outcome=self.outcome, error=self.error)
+        if trigger == "restart":
+            self._archive_attempt(fields)
+        fields.update(self._progress_fields())
+        self._status.write(fields, push=push or None)
+        self._interrupt = True
+        log.info("session %s: %s -> %s", self.id, self._fsm.state, dest)
+
+    def _enter_stage(self, stage: str) -> None:
+        if stage not in self.stages:
+            raise SessionError(f"unknown stage {stage!r}")
+        self.log_event("stage", stage=stage, previous=self.stage)
+        self.stage = stage
+        self.stage_step = self.stage_epoch = self.batch_in_epoch = 0
+        self._data_override = None
+        self._loader = None
+
+    # ------------------------------------------------------------------ tree
+    def add_child(self, child: Session) -> None:
+        """Attach ``child`` as a sub-session; the link is stored in both records."""
+        if child not in self.children:
+            self.children.append(child)
+        child.parent = self
+        child._status.write({"parent_id": self.id})
+        self._status.sessions.update(self.id, {"$push": {"children": child.id}})
+
+    # ------------------------------------------------------------------ observations
+    def value(self, quantity: Any) -> Any:
+        """Current value of a quantity: 'loss', 'grad_norm', a metric name, or a callable."""
+        if callable(quantity):
+            return quantity(self)
+        if quantity == "loss":
+            return None if self.loss is None else float(self.loss)
+        if quantity == "grad_norm":
+            return None if self.model.grad_norm is None else float(self.model.grad_norm)
+        if quantity == "lr":
+            return self.model.lr
+        return self.metrics.get(quantity)
+
+    def log_event(self, kind: str, **data: Any) -> None:
+        """Record an event (written with the next status write)."""
+        self._status.event(kind, **{"attempt": self.attempt, "step": self.step, "stage": self.stage, **data})
+
+    def events(self, kind: str | None = None) -> list[dict]:
+        """Stored events of this session (flushes pending ones first)."""
+        self._status.flush()
+        return self._status.load_events(kind)
+
+    def request_data(self, request: Any) -> None:
+        """Ask the DataProvider for a new DataLoader; the loop switches at the next step."""
+        self._data_override = request
+        self._loader = None
+        self.batch_in_epoch = 0
+        self._interrupt = True
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: model, RNG, loop position, update states."""
+        return {
+            "model": self.model.state_dict(),
+            "grad_clip": self.model.grad_clip,
+            "rng": rng_state(),
+            "loop": {
+                "attempt": self.attempt,
+                "stage": self.stage,
+                "step": self.step,
+                "stage_step": self.stage_step,
+                "stage_epoch": self.stage_epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "data_override": self._data_override if isinstance(self._data_override, (str, dict)) else None,
+                "eval_sums": dict(self._eval_sums),
+                "eval_count": self._eval_count,
+            },
+            "metrics": dict(self.metrics),
+            "updates": [u.state_dict() if hasattr(u, "state_dict") else None for u in self.updates],
+        }
+
+    def save_checkpoint(self, reason: str = "periodic", pinned: bool = False) -> dict:
+        """Write a checkpoint now (blob first, then its record)."""
+        record = self.checkpoints.save(
+            self.state_dict(), pinned=pinned, attempt=self.attempt, step=self.step, stage=self.stage,
+            stage_epoch=self.stage_epoch, batch_in_epoch=self.batch_in_epoch, reason=reason,
+        )
+        self.log_event("checkpoint", checkpoint=record["_id"], reason=reason)
+        return record
+
+    def _load_state(self, state: Mapping[str, Any], *, with_updates: bool) -> None:
+        self.model.load_state_dict(state["model"])
+        self.model.grad_clip = state.get("grad_clip")
+        loop = state["loop"]
+        self.attempt = loop["attempt"]
+        self.stage = loop["stage"]
+        self.step, self.stage_step = loop["step"], loop["stage_step"]
+        self.stage_epoch, self.batch_in_epoch = loop["stage_epoch"], loop["batch_in_epoch"]
+        self._data_override = loop.get("data_override")
+        self._eval_sums, self._eval_count = dict(loop.get("eval_sums") or {}), loop.get("eval_count", 0)
+        self.metrics = dict(state.get("metrics") or {})
+        if with_updates:
+            for update, saved in zip(self.updates, state.get("updates") or []):
+                if saved is not None and hasattr(update, "load_state_dict"):
+                    update.load_state_dict(saved)
+        self._pending_rng = state["rng"]
+        self._loader = None
+        self._interrupt = True
+
+    def restore_checkpoint(self, *, with_updates: bool = False) -> dict:
+        """Go back to the newest good checkpoint of this attempt (the last stable state).
+
+        Update states are kept by default, so a monitor that restores does not
+        forget that it did.
+        """
+        found = self.checkpoints.load_latest(attempt=self.attempt)
+        if found is None:
+            raise CheckpointError(f"session {self.id!r} has no usable checkpoint to restore")
+        state, record = found
+        self._load_state(state, with_updates=with_updates)
+        self.log_event("restore", checkpoint=record["_id"], restored_step=record["step"])
+        return record
+
+    # ------------------------------------------------------------------ lifecycle helpers
+    def _begin_attempt(self) -> None:
+        seed_everything(self.seed)
+        self.save_checkpoint(reason="initial", pinned=True)
+
+    def _archive_attempt(self, fields: dict[str, Any]) -> None:
+        current = self.record
+        archive_id = f"{self.id}.attempt{self.attempt}"
+        archived = {k: v for k, v in current.items() if k not in ("_id", "_version")}
+        self._status.sessions.save({**archived, "_id": archive_id, "kind": "attempt", "attempt_of": self.id})
+        summary = {k: current.get(k) for k in ("attempt", "state", "outcome", "started", "finished", "step")}
+        summary["error"] = (current.get("error") or {}).get("type") if current.get("error") else None
+        summary["record"] = archive_id
+        found = self.checkpoints.load_latest(attempt=self.attempt, reason="initial")
+        self.attempt += 1
+        if found is not None:
+            state, _ = found
+            self.model.load_state_dict(state["model"])
+            self.model.grad_clip = state.get("grad_clip")
+        self.stage = next(iter(self.stages))
+        self.step = self.stage_step = self.stage_epoch = self.batch_in_epoch = 0
+        self.metrics, self.error, self.outcome, self.loss = {}, None, None, None
+        self._loader = None
+        fields.update(
+            attempt=self.attempt, previous_attempt=archive_id, outcome=None, error=None, started=None,
+            finished=None, stage=None, step=0, epoch=0, stage_step=0, metrics={},
+        )
+        self._status.sessions.update(self.id, {"$push": {"history": summary}})
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> Session:
+        """Run (or resume) until the session is complete, failed or paused; returns self.
+
+        An exception from a step or an update moves the session to ``failed``
+        with its traceback recorded, then propagates.
+        """
+        if self.state == "pending":
+            if not self.start():
+                return self
+        elif self.state == "paused":
+            if self._needs_restore:
+                self._restore_for_resume()
+            self.resume()
+        elif self.state != "running":
+            raise TransitionError("run", self.state, "restart() it first")
+        try:
+            self._loop()
+        except BaseException as exc:
+            if self.state in ("running", "paused", "pending"):
+                try:
+                    self.fail(exc)
+                except StorageError as store_exc:
+                    log.error("session %s failed (%s) and the failure could not be recorded: %s", self.id, exc, store_exc)
+            raise
+        return self
+
+    def _restore_for_resume(self) -> None:
+        found = self.checkpoints.load_latest(attempt=self.attempt)
+        if found is None:
+            found = self.checkpoints.load_latest()
+        if found is None:
+            raise CheckpointError(f"session {self.id!r} is paused but has no usable checkpoint to resume from")
+        state, record = found
+        self._load_state(state, with_updates=True)
+        self._needs_restore = False
+        self.log_event("resume", checkpoint=record["_id"], restored_step=record["step"])
+
+    def _get_loader(self) -> Any:
+        if self._loader is not None:
+            return self._loader
+        stage = self.current_stage
+        request = self._data_override if self._data_override is not None else stage.data
+        if callable(request):
+            request = request(self)
+        if self.data is None:
+            raise SessionError(f"stage {stage.name!r} needs data but the session has no DataProvider")
+        self._loader = self.data.get_dataloader(request)
+        try:
+            self._loader_len = len(self._loader)
+        except TypeError:
+            self._loader_len = None
+        return self._loader
+
+    def _iterate(self, loader: Any) -> Any:
+        """An iterator positioned at ``batch_in_epoch``; draws no global randomness mid-epoch."""
+        exact = set_loader_position(loader, self.stage_epoch, self.batch_in_epoch)
+        if self.batch_in_epoch and self._pending_rng is None:
+            saved = torch.get_rng_state()
+            it = iter(loader)
+            torch.set_rng_state(saved)
+        else:
+            it = iter(loader)
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+        if not exact and self.batch_in_epoch:
+            log.warning("session %s: loader has no resumable sampler; skipping %d batches", self.id, self.batch_in_epoch)
+            for _ in range(self.batch_in_epoch):
+                next(it)
+        return it
+
+    def _budget_left(self, stage: Stage) -> bool:
+        if stage.max_steps is not None and self.stage_step >= stage.max_steps:
+            return False
+        if stage.max_epochs is not None and self.stage_epoch >= stage.max_epochs:
+            return False
+        return True
+
+    def _finish_stage(self) -> None:
+        for t in self._stage_done[self.stage]:
+            if t.guards_hold(self) and self._fire(STAGE_DONE):
+                return
+        self.complete()
+
+    def _loop(self) -> None:
+        updates = self.updates
+        while self.is_running:
+            stage = self.current_stage
+            if not self._budget_left(stage):
+                self._finish_stage()
+                continue
+            loader = self._get_loader()
+            self._interrupt = False
+            train = stage.mode == "train"
+            step_fn = self.model.train_step if train else self._eval_batch
+            polled = self._polled[stage.name]
+            max_steps = stage.max_steps
+            every = self.checkpoint_every_steps
+            status = self._status
+            finished_epoch = True
+            if not train and self.batch_in_epoch == 0:
+                self._eval_sums, self._eval_count = {}, 0
+            for batch in self._iterate(loader):
+                self.loss = step_fn(batch)
+                self.batch_in_epoch += 1
+                self.stage_step += 1
+                if train:
+                    self.step += 1
+                self.event = "step"
+                for update in updates:
+                    if update(self) not in (self, None):
+                        raise SessionError(f"update {update!r} must return the session (or None)")
+                for t in polled:
+                    if self._interrupt:
+                        break
+                    if t.guards_hold(self):
+                        self._fire(t.trigger)
+                if every is not None and train and self.step % every == 0 and not self._interrupt:
+                    self._periodic_checkpoint()
+                if status.due():
+                    self._heartbeat()
+                if self._interrupt or (max_steps is not None and self.stage_step >= max_steps):
+                    finished_epoch = False
+                    break
+            if finished_epoch and self.is_running and self.stage == stage.name:
+                self._end_epoch(stage)
+        self._status.flush()
+
+    def _end_epoch(self, stage: Stage) -> None:
+        self.stage_epoch += 1
+        self.batch_in_epoch = 0
+        if stage.mode == "eval":
+            self._store_eval_metrics(stage.name)
+        self.event = "epoch"
+        self._interrupt = False
+        for update in self.updates:
+            if update(self) not in (self, None):
+                raise SessionError(f"update {update!r} must return the session (or None)")
+        self.event = "step"
+        if not self.is_running or self._interrupt:
+            return
+        if self.checkpoint_every_epochs and self.stage_epoch % self.checkpoint_every_epochs == 0:
+            self._periodic_checkpoint()
+        self.log_event("epoch", stage_epoch=self.stage_epoch, metrics=dict(self.metrics))
+        if self._status.due():
+            self._heartbeat()
+
+    def _periodic_checkpoint(self) -> None:
+        if self.loss is not None and not math.isfinite(float(self.loss)):
+            log.warning("session %s: not checkpointing a non-finite state at step %d", self.id, self.step)
+            return
+        self.save_checkpoint()
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_batch(self, batch: Any) -> torch.Tensor:
+        loss, values = self.model.eval_step(batch)
+        self._accumulate("loss", loss)
+        for name, value in values.items():
+            self._accumulate(name, value)
+        self._eval_count += 1
+        return loss
+
+    def _accumulate(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().double()
+        prev = self._eval_sums.get(name)
+        self._eval_sums[name] = value if prev is None else prev + value
+
+    def _store_eval_metrics(self, prefix: str) -> dict[str, float]:
+        count = max(self._eval_count, 1)
+        values = {f"{prefix}_{name}": float(total) / count for name, total in self._eval_sums.items()}
+        self.metrics.update(values)
+        self._eval_sums, self._eval_count = {}, 0
+        return values
+
+    def evaluate(self, request: Any, *, prefix: str = "val") -> dict[str, float]:
+        """Run the model over a whole DataLoader from the provider; store ``{prefix}_loss`` etc.
+
+        Uses no global randomness, so evaluating does not change the training run.
+        """
+        if self.data is None:
+            raise SessionError("evaluate() needs a DataProvider")
+        loader = self.data.get_dataloader(request)
+        saved_sums, saved_count = self._eval_sums, self._eval_count
+        self._eval_sums, self._eval_count = {}, 0
+        rng = torch.get_rng_state()
+        try:
+            for batch in loader:
+                self._eval_batch(batch)
+            values = self._store_eval_metrics(prefix)
+        finally:
+            torch.set_rng_state(rng)
+            self._eval_sums, self._eval_count = saved_sums, saved_count
+        self.log_event("metrics", metrics=values)
+        return values
+
+    # ------------------------------------------------------------------ status
+    def _progress_fields(self) -> dict[str, Any]:
+        stage = self.current_stage
+        total = self._stage_total(stage)
+        stage_progress = min(1.0, self.stage_step / total) if total else 0.0
+        names = list(self.stages)
+        index = names.index(self.stage)
+        done = self.state == "complete" and self.outcome == "success"
+        progress = 1.0 if done else (index + stage_progress) / len(names)
+        return {
+            "step": self.step,
+            "stage_step": self.stage_step,
+            "epoch": self.stage_epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "stage_progress": 1.0 if done else stage_progress,
+            "progress": progress,
+            "metrics": {k: v for k, v in self.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+        }
+
+    def _stage_total(self, stage: Stage) -> int | None:
+        totals = []
+        if stage.max_steps is not None:
+            totals.append(stage.max_steps)
+        if stage.max_epochs is not None and self._loader_len:
+            totals.append(stage.max_epochs * self._loader_len)
+        return min(totals) if totals else None
+
+    def _heartbeat(self) -> None:
+        fields = self._progress_fields()
+        stage = self.current_stage
+        record = self._status.heartbeat(fields, self.stage_step, self._stage_total(stage))
+        if record is not None and (record.get("control") or {}).get("pause") and self.is_running:
+            self.pause(reason=(record.get("control") or {}).get("reason") or "requested")
+
+    def close(self) -> None:
+        """Flush buffered events and close the databases this session opened from URLs."""
+        try:
+            self._status.flush()
+        finally:
+            for db in self._owned:
+                db.close()
+            self._owned.clear()
+
+    def graph(self) -> str:
+        """The state graph as Mermaid text (no graphviz needed): ``ptutils graph`` prints it."""
+        from .graph import mermaid
+
+        return mermaid(self)
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} state={self._fsm.state} step={self.step}>"

@@ -1,0 +1,169 @@
+"""The status record of a session, and the throttled writer that keeps it current.
+
+One record per session lives in the ``sessions`` collection of the session's
+DBInterface, under the session id.  State changes are written immediately and
+*before* they take effect (write-ahead); progress, ETA and the heartbeat are
+written at most every ``interval`` seconds, together with buffered events
+(metrics, monitor firings, restores) in the ``events`` collection.  The same
+write returns the record, so a pause requested from another process
+(``request_pause``) is seen at the next heartbeat.
+
+If the database is unreachable, buffered events stay buffered and are written
+on the next successful heartbeat: nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from .database import DBInterface
+from .errors import NotFoundError, StorageError
+
+log = logging.getLogger("ptutils")
+
+SESSIONS = "sessions"
+EVENTS = "events"
+
+
+def stale_after(interval: float) -> float:
+    """Seconds without a heartbeat after which a ``running`` record is treated as interrupted."""
+    return max(10.0, 5.0 * interval)
+
+
+def is_stale(record: Mapping[str, Any], now: float | None = None) -> bool:
+    """Whether a ``running`` record's heartbeat has stopped (its process died)."""
+    if record.get("state") != "running":
+        return False
+    now = time.time() if now is None else now
+    return now - float(record.get("heartbeat") or 0.0) > stale_after(float(record.get("status_interval", 2.0)))
+
+
+def describe(record: Mapping[str, Any], now: float | None = None) -> str:
+    """The state a person should see: ``interrupted`` for a running record gone stale."""
+    return "interrupted" if is_stale(record, now) else str(record.get("state"))
+
+
+def request_pause(db: DBInterface, session_id: str, reason: str = "requested") -> dict:
+    """Ask a running session (in any process) to checkpoint and pause at its next heartbeat."""
+    return db.collection(SESSIONS).update(
+        session_id, {"$set": {"control.pause": True, "control.reason": reason, "control.at": time.time()}}
+    )
+
+
+class StatusWriter:
+    """Writes one session's status record and event log through a DBInterface."""
+
+    def __init__(self, db: DBInterface, session_id: str, *, interval: float = 2.0):
+        self.sessions = db.collection(SESSIONS)
+        self.events = db.collection(EVENTS)
+        self.session_id = session_id
+        self.interval = interval
+        self._next = 0.0
+        self._buffer: list[dict] = []
+        self._seq = 0
+        self._rate: float | None = None
+        self._last_sample: tuple[float, int] | None = None
+        self.errors = 0
+        self.last_error: str | None = None
+        self.outage_since: float | None = None
+
+    # ------------------------------------------------------------------ record
+    def load(self) -> dict | None:
+        """The stored record, or None when this session has none yet."""
+        try:
+            return self.sessions.load_from_id(self.session_id)
+        except NotFoundError:
+            return None
+
+    def create(self, record: Mapping[str, Any]) -> dict:
+        """Write the initial record (pending)."""
+        now = time.time()
+        doc = {
+            "_id": self.session_id,
+            "created": now,
+            "updated": now,
+            "heartbeat": now,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "status_interval": self.interval,
+            **record,
+        }
+        self.sessions.save(doc)
+        return self.sessions.load_from_id(self.session_id)
+
+    def write(self, fields: Mapping[str, Any], *, push: Mapping[str, Any] | None = None) -> dict:
+        """Write ``fields`` now (state changes); raises if the database cannot take it."""
+        now = time.time()
+        changes: dict[str, Any] = {"$set": {**fields, "updated": now, "heartbeat": now, "pid": os.getpid()}}
+        if push:
+            changes["$push"] = dict(push)
+        record = self.sessions.update(self.session_id, changes)
+        try:
+            self.flush()
+        except StorageError as exc:
+            self._failed(exc)
+        return record
+
+    # ------------------------------------------------------------------ heartbeat
+    def due(self) -> bool:
+        """Whether a heartbeat is due (cheap: one clock read)."""
+        return time.monotonic() >= self._next
+
+    def heartbeat(self, fields: Mapping[str, Any], steps_done: int, steps_total: int | None) -> dict | None:
+        """Throttled progress write; returns the record (with any control requests) or None on outage."""
+        mono = time.monotonic()
+        self._next = mono + self.interval
+        eta = self._eta(mono, steps_done, steps_total)
+        try:
+            record = self.write({**fields, "eta_seconds": eta})
+        except StorageError as exc:
+            self._failed(exc)
+            return None
+        self.outage_since = None
+        return record
+
+    def _eta(self, mono: float, steps_done: int, steps_total: int | None) -> float | None:
+        if self._last_sample is not None:
+            t0, s0 = self._last_sample
+            if mono > t0 and steps_done >= s0:
+                rate = (steps_done - s0) / (mono - t0)
+                self._rate = rate if self._rate is None else 0.7 * self._rate + 0.3 * rate
+        self._last_sample = (mono, steps_done)
+        if steps_total is None or not self._rate:
+            return None
+        return max(0.0, (steps_total - steps_done) / self._rate)
+
+    def _failed(self, exc: Exception) -> None:
+        self.errors += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        if self.outage_since is None:
+            self.outage_since = time.monotonic()
+        log.warning("status write for session %s failed (%s); will retry", self.session_id, self.last_error)
+
+    def outage_seconds(self) -> float:
+        """How long the database has been failing status writes (0 when healthy)."""
+        return 0.0 if self.outage_since is None else time.monotonic() - self.outage_since
+
+    # ------------------------------------------------------------------ events
+    def event(self, kind: str, **data: Any) -> None:
+        """Buffer one event (metrics, monitor firing, restore ...) for the next write."""
+        self._seq += 1
+        self._buffer.append({"session_id": self.session_id, "kind": kind, "time": time.time(), "seq": self._seq, **data})
+
+    def flush(self) -> None:
+        """Write buffered events; on failure they stay buffered for the next try."""
+        while self._buffer:
+            self.events.save(self._buffer[0])
+            self._buffer.pop(0)
+
+    def load_events(self, kind: str | None = None) -> list[dict]:
+        """This session's events (of one ``kind``) in time order."""
+        query: dict[str, Any] = {"session_id": self.session_id}
+        if kind is not None:
+            query["kind"] = kind
+        return self.events.load(query, sort=[("time", 1), ("seq", 1)])
