@@ -41,7 +41,7 @@ def check_id(value: Any, kind: str = "id") -> str:
     """Return ``value`` if it is a safe id, else raise InvalidIdError naming it."""
     if not isinstance(value, str):
         raise InvalidIdError(kind, value, f"must be a string, not {type(value).__name__}")
-    if not ID_PATTERN.match(value) or ".." in value:
+    if not ID_PATTERN.fullmatch(value) or ".." in value:
         raise InvalidIdError(
             kind, value, "use 1-128 characters from [A-Za-z0-9_.-], not starting with '.', without '..'"
         )
@@ -50,7 +50,7 @@ def check_id(value: Any, kind: str = "id") -> str:
 
 def check_collection(name: Any) -> str:
     """Return ``name`` if it is a safe collection name, else raise InvalidIdError."""
-    if not isinstance(name, str) or not COLLECTION_PATTERN.match(name):
+    if not isinstance(name, str) or not COLLECTION_PATTERN.fullmatch(name):
         raise InvalidIdError("collection name", name, "use a letter or '_' then up to 62 of [A-Za-z0-9_]")
     return name
 
