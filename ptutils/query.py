@@ -236,6 +236,8 @@ def parse_sort(sort: Any) -> list[tuple[Path, int]]:
         sort = [(sort, 1)]
     if isinstance(sort, Mapping):
         sort = list(sort.items())
+    if not isinstance(sort, (list, tuple)):
+        raise QueryError(f"sort: expects a field name or a list of (field, 1 | -1) pairs, got {sort!r}")
     out = []
     for item in sort:
         if isinstance(item, str):
