@@ -1,0 +1,360 @@
+"""The session state machine: lifecycle, guards, stages, updates, failures and records."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ptutils import open_db
+from ptutils.errors import SessionError, StorageError, TransitionError
+from ptutils.session import Session
+from ptutils.status import StatusWriter, request_pause
+from ptutils.update import Monitor, Threshold, every_n_steps
+
+from .sessionkit import model, same_weights, session, weights
+
+
+@pytest.fixture
+def url(tmp_path):
+    return tmp_path.as_uri()
+
+
+LEGAL = {
+    "pending": {"start": "running", "stop": "complete"},
+    "running": {"pause": "paused", "complete": "complete", "stop": "complete"},
+    "paused": {"resume": "running", "stop": "complete"},
+    "complete": {"restart": "pending"},
+    "failed": {"restart": "pending"},
+}
+TRIGGERS = ["start", "pause", "resume", "complete", "stop", "restart"]
+
+
+def in_state(url: str, state: str) -> Session:
+    s = session(url)
+    if state == "pending":
+        return s
+    s.start()
+    if state == "paused":
+        s.pause()
+    elif state == "complete":
+        s.complete()
+    elif state == "failed":
+        s.fail(RuntimeError("boom"))
+    assert s.state == state
+    return s
+
+
+@pytest.mark.parametrize("state", list(LEGAL))
+@pytest.mark.parametrize("trigger", TRIGGERS)
+def test_every_lifecycle_trigger_in_every_state(url, state, trigger):
+    s = in_state(url, state)
+    expected = LEGAL[state].get(trigger)
+    if expected is None:
+        with pytest.raises(TransitionError) as err:
+            s.trigger(trigger)
+        assert err.value.state.split("/")[0] == state and err.value.trigger == trigger
+        assert repr(trigger) in str(err.value) and state in str(err.value)
+        assert s.state == state
+    else:
+        assert s.trigger(trigger) is True
+        assert s.state == expected
+        assert s.record["state"] == expected
+
+
+@pytest.mark.parametrize("state", ["pending", "running", "paused"])
+def test_fail_is_legal_from_every_active_state(url, state):
+    s = in_state(url, state)
+    s.fail(ValueError("bad"))
+    assert s.state == "failed"
+    assert s.record["error"]["type"] == "ValueError"
+
+
+def test_start_enters_the_first_stage_and_records_it(url):
+    s = session(url, stages=["warmup", {"name": "train", "data": "train"}])
+    assert s.state == "pending" and s.record["state"] == "pending"
+    s.start()
+    assert s.state == "running" and s.stage == "warmup"
+    assert s.record["stage"] == "warmup" and s.record["started"] is not None
+
+
+def test_unknown_trigger_names_state_and_known_triggers(url):
+    s = session(url)
+    with pytest.raises(TransitionError, match="no such trigger"):
+        s.trigger("launch")
+
+
+def test_start_guard_keeps_session_pending_with_the_reason(url):
+    def gpu_free(session):
+        return False
+
+    s = session(url, start_conditions=[gpu_free])
+    assert s.start() is False
+    assert s.state == "pending"
+    assert "gpu_free" in s.record["blocked_by"]
+    s.run()
+    assert s.state == "pending"
+
+
+def test_start_guard_that_raises_records_the_error(url):
+    def db_reachable(session):
+        raise ConnectionError("connection refused")
+
+    s = session(url, start_conditions=[db_reachable])
+    assert s.start() is False
+    assert s.record["blocked_by"] == "ConnectionError: connection refused"
+
+
+def test_run_trains_through_budget_and_completes(url):
+    s = session(url).run()
+    assert s.state == "complete" and s.outcome == "success"
+    record = s.record
+    assert record["outcome"] == "success" and record["progress"] == 1.0
+    assert record["step"] == s.step == 3 * 5  # 72 training samples / 16 per batch = 5 batches
+    assert record["finished"] >= record["started"]
+
+
+def test_max_steps_budget(url):
+    s = session(url, stages=[{"name": "train", "data": "train", "max_steps": 7}]).run()
+    assert s.step == 7 and s.state == "complete"
+
+
+def test_stage_done_moves_through_stages_and_eval_metrics(url):
+    s = session(
+        url,
+        stages=[{"name": "train", "data": "train", "max_epochs": 2},
+                {"name": "test", "data": "val", "mode": "eval", "max_epochs": 1}],
+        transitions=[{"trigger": "stage_done", "source": "train", "dest": "test"}],
+    ).run()
+    assert s.state == "complete"
+    assert [h["stage"] for h in s.record["stage_history"]] == ["train", "test"]
+    assert 0.0 <= s.metrics["test_accuracy"] <= 1.0 and "test_loss" in s.metrics
+    assert s.step == 10  # eval steps do not count as training steps
+
+
+def test_guarded_stage_done_completes_when_guard_refuses(url):
+    s = session(
+        url,
+        stages=[{"name": "train", "data": "train", "max_epochs": 1}, {"name": "finetune", "data": "train"}],
+        transitions=[{"trigger": "stage_done", "source": "train", "dest": "finetune",
+                      "conditions": [lambda s: False]}],
+    ).run()
+    assert s.state == "complete" and s.stage == "train"
+
+
+def test_polled_guard_changes_stage_as_soon_as_it_holds(url):
+    s = session(
+        url,
+        stages=[{"name": "train", "data": "train", "max_epochs": 5},
+                {"name": "short", "data": "train", "max_steps": 2}],
+        transitions=[{"trigger": "move", "source": "train", "dest": "short", "conditions": [lambda s: s.step >= 3]}],
+    ).run()
+    assert [h["stage"] for h in s.record["stage_history"]] == ["train", "short"]
+    assert [h["step"] for h in s.record["stage_history"]] == [0, 3]
+    assert s.step == 5
+
+
+def test_unguarded_stage_trigger_fires_only_from_an_update(url):
+    fired_at = []
+
+    def switch(session, value):
+        fired_at.append(session.step)
+        session.trigger("switch")
+
+    s = session(
+        url,
+        stages=[{"name": "a", "data": "train", "max_epochs": 3}, {"name": "b", "data": "train", "max_steps": 1}],
+        transitions=[{"trigger": "switch", "source": "a", "dest": "b"}],
+        updates=[Monitor("loss", Threshold(below=10.0), switch, every=4, once=True)],
+    ).run()
+    assert fired_at == [4]
+    assert s.step == 5 and s.stage == "b"
+
+
+def test_unless_guard(url):
+    s = session(
+        url,
+        stages=[{"name": "a", "data": "train", "max_steps": 4}, {"name": "b", "data": "train", "max_steps": 1}],
+        transitions=[{"trigger": "go", "source": "a", "dest": "b", "conditions": [lambda s: True],
+                      "unless": [lambda s: s.step < 2]}],
+    ).run()
+    assert [h["step"] for h in s.record["stage_history"]] == [0, 2]
+
+
+def test_stage_trigger_outside_running_is_refused(url):
+    s = session(url, stages=["a", "b"], transitions=[{"trigger": "go", "source": "a", "dest": "b"}])
+    with pytest.raises(TransitionError, match="'go'"):
+        s.trigger("go")
+
+
+def test_transition_declaration_errors_name_the_field(url):
+    with pytest.raises(Exception, match=r"transitions\[0\]"):
+        session(url, stages=["a"], transitions=[{"trigger": "go", "source": "a", "dest": "nowhere"}])
+    with pytest.raises(Exception, match=r"transitions\[0\].trigger"):
+        session(url, stages=["a", "b"], transitions=[{"trigger": "pause", "source": "a", "dest": "b"}])
+    with pytest.raises(Exception, match=r"transitions\[0\].when"):
+        session(url, stages=["a", "b"], transitions=[{"trigger": "go", "source": "a", "dest": "b", "when": 1}])
+
+
+def test_pause_from_an_update_then_resume_in_process_matches_uninterrupted(url, tmp_path):
+    reference = session((tmp_path / "ref").as_uri()).run()
+    s = session(url, updates=[Monitor(None, then="pause", every=7, once=True)])
+    s.run()
+    assert s.state == "paused" and s.step == 7
+    assert s.record["state"] == "paused" and s.record["pause_reason"] == "requested"
+    assert [c["reason"] for c in s.checkpoints.records()][0] == "pause"
+    s.run()
+    assert s.state == "complete"
+    assert same_weights(weights(s), weights(reference))
+
+
+def test_pause_requested_through_the_record(url):
+    db = open_db(url)
+
+    def ask_for_pause(session, value):
+        request_pause(db, session.id, reason="operator")
+
+    s = session(url, status_interval=0.0, updates=[Monitor(None, then=ask_for_pause, every=3, once=True)])
+    s.run()
+    assert s.state == "paused"
+    assert s.step == 3  # seen at the very next heartbeat
+    assert s.record["pause_reason"] == "operator" and s.record["control"]["pause"] is False
+
+
+def test_exception_in_update_fails_session_with_traceback(url):
+    def broken(session):
+        if session.step == 4:
+            raise ZeroDivisionError("metric went wrong")
+        return session
+
+    s = session(url, updates=[broken])
+    with pytest.raises(ZeroDivisionError):
+        s.run()
+    assert s.state == "failed"
+    error = s.record["error"]
+    assert error["type"] == "ZeroDivisionError" and error["message"] == "metric went wrong"
+    assert "broken" in error["traceback"] and s.record["outcome"] == "failure"
+
+
+def test_update_must_return_the_session(url):
+    s = session(url, updates=[lambda session: 42])
+    with pytest.raises(SessionError, match="must return the session"):
+        s.run()
+    assert s.state == "failed"
+
+
+def test_update_swaps_optimizer_and_lr(url):
+    def swap(session, value):
+        session.model.set_optimizer({"cls": "torch.optim.Adam", "lr": 0.01})
+
+    s = session(url, updates=[Monitor(None, then=swap, every=5, once=True)]).run()
+    assert isinstance(s.model.optimizer, torch.optim.Adam) and s.state == "complete"
+
+
+def test_update_requests_new_dataloader(url):
+    requests = []
+
+    class Spy:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def get_dataloader(self, request):
+            requests.append(request)
+            return self.inner.get_dataloader(request)
+
+    from .sessionkit import provider
+
+    def switch_data(session, value):
+        session.request_data({"dataset": "val", "batch_size": 4})
+
+    s = session(url, data=Spy(provider()), updates=[Monitor(None, then=switch_data, every=2, once=True)],
+                stages=[{"name": "train", "data": "train", "max_steps": 6}]).run()
+    assert requests == ["train", {"dataset": "val", "batch_size": 4}]
+    assert s.step == 6
+
+
+def test_write_ahead_failure_cancels_the_transition(url, monkeypatch):
+    s = session(url)
+    s.start()
+
+    def refuse(self, fields, push=None):
+        raise StorageError("disk full")
+
+    monkeypatch.setattr(StatusWriter, "write", refuse)
+    with pytest.raises(StorageError):
+        s.pause()
+    monkeypatch.undo()
+    assert s.state == "running" and s.record["state"] == "running"
+
+
+def test_restart_is_a_new_attempt_with_history_and_fresh_weights(url):
+    s = session(url)
+    initial = weights(s)
+    s.run()
+    trained = weights(s)
+    assert not same_weights(initial, trained)
+    s.restart()
+    assert s.state == "pending" and s.attempt == 2
+    assert same_weights(weights(s), initial)
+    record = s.record
+    assert record["attempt"] == 2 and record["previous_attempt"] == f"{s.id}.attempt1"
+    assert record["history"][0]["outcome"] == "success" and record["history"][0]["attempt"] == 1
+    assert s.db.collection("sessions").load_from_id(f"{s.id}.attempt1")["state"] == "complete"
+    s.run()
+    assert s.state == "complete" and same_weights(weights(s), trained)
+
+
+def test_children_are_linked_in_both_records(url):
+    parent = session(url, name="tuner")
+    child = session(url, name="trial", parent=parent)
+    assert parent.children == [child] and child.parent is parent
+    assert parent.record["children"] == [child.id]
+    assert child.record["parent_id"] == parent.id
+
+
+def test_attach_to_existing_record_by_id(url):
+    s = session(url, updates=[every_n_steps(4, "pause")])
+    s.run()
+    again = session(url, session_id=s.id)
+    assert again.state == "paused" and again.step == 4 and again.stage == "train"
+
+
+def test_attach_refuses_a_session_running_elsewhere(url):
+    s = session(url)
+    s.start()
+    with pytest.raises(SessionError, match="is running in process"):
+        session(url, session_id=s.id)
+
+
+def test_graph_is_mermaid_with_stages(url):
+    s = session(url, stages=["train", "test"], transitions=[{"trigger": "evaluate", "source": "train", "dest": "test"}])
+    text = s.graph()
+    assert "stateDiagram-v2" in text
+    assert "running_train --> running_test: evaluate" in text
+    assert "pending --> running: start" in text
+
+
+def test_model_must_be_a_ptutils_model(url):
+    with pytest.raises(SessionError, match="ptutils.model.Model"):
+        Session(torch.nn.Linear(2, 2), db=url)
+
+
+def test_events_record_stage_changes_and_checkpoints(url):
+    s = session(url, stages=[{"name": "a", "data": "train", "max_epochs": 1}, {"name": "b", "data": "train", "max_epochs": 1}],
+                transitions=[{"trigger": "stage_done", "source": "a", "dest": "b"}]).run()
+    kinds = [e["kind"] for e in s.events()]
+    assert kinds.count("stage") == 1 and "checkpoint" in kinds
+    assert s.events("stage")[0]["stage"] == "b"
+
+
+def test_grad_norm_monitor_turns_on_tracking(url):
+    seen = []
+    s = session(url, updates=[Monitor("grad_norm", Threshold(above=0.0), lambda s, v: seen.append(v), every=5)])
+    assert s.model.track_grad_norm
+    s.run()
+    assert len(seen) == 3 and all(v > 0 for v in seen)
+
+
+def test_model_state_dict_round_trip():
+    a, b = model(seed=1), model(seed=2)
+    b.load_state_dict(a.state_dict())
+    assert same_weights({k: v for k, v in a.module.state_dict().items()}, b.module.state_dict())
