@@ -1,0 +1,407 @@
+"""The filesystem backend (``file:///abs/dir``): the embedded default DBInterface.
+
+Layout under the root directory, one directory per collection::
+
+    <root>/<collection>/docs/<id>.json    one stored (encoded) document per file
+    <root>/<collection>/blobs/<id>.blob   one blob per file
+    <root>/<collection>/.lock             flock()ed by every mutation of the collection
+
+Every file is one header line followed by its payload, so a document or blob and
+its checksum are replaced together by a single rename::
+
+    b"ptutils-doc 1 <sha256 hex> <nbytes>\\n" + JSON
+    b"ptutils-blob 1 <sha256 hex> <nbytes>\\n" + raw bytes
+
+Writes are atomic: the payload goes to a temporary file in the same directory,
+is fsync()ed, renamed over the target with ``os.replace`` and the directory is
+fsync()ed, so a crash or a full disk leaves either the old file or the new one,
+never a torn one.  Reads verify the checksum and raise CorruptionError naming
+the file.  Mutations of a collection's documents (write, update, delete) hold an
+exclusive ``flock`` on the collection's lock file for their read-modify-write,
+which makes them safe across threads and processes on one machine; readers take
+no lock (they always see a complete old or new file).  Blobs are written under
+fresh or caller-chosen ids by one rename each, so they need no lock.
+
+Ids and collection names are validated (:func:`ptutils.database.check_id`)
+immediately before any path is built from them.  Nothing is ever pickled.
+POSIX only (``fcntl``).  Case-insensitive filesystems would merge ids that
+differ only in case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path as FsPath
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from ptutils.database import DEFAULT_COLLECTION, DBInterface, check_collection, check_id
+from ptutils.errors import (
+    BackendUnavailableError,
+    CodecError,
+    CorruptionError,
+    InvalidIdError,
+    NotFoundError,
+    SchemaVersionError,
+    StorageError,
+)
+from ptutils.query import Node, Path, Update, apply_update, matches, project, sort_key
+
+log = logging.getLogger("ptutils")
+
+FORMAT_VERSION = b"1"
+DOC_MAGIC = b"ptutils-doc"
+BLOB_MAGIC = b"ptutils-blob"
+DOC_SUFFIX = ".json"
+BLOB_SUFFIX = ".blob"
+TMP_PREFIX = ".tmp-"
+STALE_TMP_SECONDS = 3600.0
+"""Temporary files older than this were left by a crashed writer and are removed."""
+
+_MAX_HEADER = 128
+_WRITE_CHUNK = 1 << 30
+
+
+def _describe(exc: OSError) -> str:
+    code = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else "?"
+    return f"[{code}] {exc.strerror or exc}"
+
+
+def _os_error(action: str, path: str, exc: OSError, note: str = "") -> StorageError:
+    """A StorageError naming the file and the OS reason (ENOSPC, EACCES, ...)."""
+    suffix = f" ({note})" if note else ""
+    return StorageError(f"cannot {action} {path!r}: {_describe(exc)}{suffix}")
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view[:_WRITE_CHUNK])
+        view = view[written:]
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise _os_error("open directory", directory, exc) from exc
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise _os_error("fsync directory", directory, exc) from exc
+    finally:
+        os.close(fd)
+
+
+def _header(magic: bytes, payload: bytes | memoryview) -> bytes:
+    digest = hashlib.sha256(payload).hexdigest().encode("ascii")
+    return b" ".join((magic, FORMAT_VERSION, digest, str(len(payload)).encode("ascii"))) + b"\n"
+
+
+class FileSystemInterface(DBInterface):
+    """Documents and blobs as checksummed files in a directory per collection."""
+
+    scheme = "file"
+
+    def __init__(self, root: str | os.PathLike[str], collection: str = DEFAULT_COLLECTION):
+        super().__init__(collection)
+        root = os.fspath(root)
+        if "\x00" in root:
+            raise StorageError(f"database root {root!r} contains NUL")
+        self.root = os.path.abspath(root)
+        name = check_collection(self.collection_name)
+        self._dir = os.path.join(self.root, name)
+        self._docs = os.path.join(self._dir, "docs")
+        self._blobs = os.path.join(self._dir, "blobs")
+        self._lock_path = os.path.join(self._dir, ".lock")
+        self._ready = False
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> FileSystemInterface:
+        """``file:///abs/dir`` (or ``file://localhost/abs/dir``); option ``collection=``."""
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "file":
+            raise StorageError(f"not a file:// URL: {url!r}")
+        if parts.netloc not in ("", "localhost"):
+            raise StorageError(f"{url!r}: only local directories are supported (file:///abs/path)")
+        if parts.query or parts.fragment:
+            raise StorageError(f"{url!r}: file:// URLs take no query or fragment; pass collection= instead")
+        path = unquote(parts.path)
+        if not path.startswith("/"):
+            raise StorageError(f"{url!r}: the path must be absolute (file:///abs/path)")
+        collection = options.pop("collection", DEFAULT_COLLECTION)
+        if options:
+            raise TypeError(f"unknown options for a file:// database: {', '.join(sorted(options))}")
+        return cls(path, collection=collection)
+
+    @property
+    def url(self) -> str:
+        """The root directory as a ``file://`` URL (the collection is passed separately)."""
+        return FsPath(self.root).as_uri()
+
+    def ping(self) -> None:
+        """Raise BackendUnavailableError unless the root is (or can become) a usable directory."""
+        probe = self.root
+        while not os.path.exists(probe):
+            parent = os.path.dirname(probe)
+            if parent == probe:
+                break
+            probe = parent
+        if not os.path.isdir(probe):
+            raise BackendUnavailableError(f"database root {self.root!r}: {probe!r} is not a directory")
+        if not os.access(probe, os.R_OK | os.X_OK):
+            raise BackendUnavailableError(f"database root {self.root!r}: {probe!r} is not accessible")
+
+    def _sibling(self, collection: str) -> FileSystemInterface:
+        return FileSystemInterface(self.root, collection=collection)
+
+    # ----------------------------------------------------------------- paths
+    def _doc_path(self, doc_id: str) -> str:
+        return os.path.join(self._docs, check_id(doc_id) + DOC_SUFFIX)
+
+    def _blob_path(self, blob_id: str) -> str:
+        return os.path.join(self._blobs, check_id(blob_id, "blob id") + BLOB_SUFFIX)
+
+    def _ensure_dirs(self) -> None:
+        """Create the collection's directories (durably) and sweep stale temp files, once."""
+        if self._ready:
+            return
+        for directory in (self.root, self._dir, self._docs, self._blobs):
+            if os.path.isdir(directory):
+                continue
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as exc:
+                raise _os_error("create directory", directory, exc) from exc
+            _fsync_dir(os.path.dirname(directory))
+        for directory in (self._docs, self._blobs):
+            self._sweep_temp_files(directory)
+        self._ready = True
+
+    @staticmethod
+    def _sweep_temp_files(directory: str) -> None:
+        cutoff = time.time() - STALE_TMP_SECONDS
+        try:
+            entries = list(os.scandir(directory))
+        except OSError as exc:
+            raise _os_error("list", directory, exc) from exc
+        for entry in entries:
+            if not entry.name.startswith(TMP_PREFIX):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    log.info("removed %s, left behind by an interrupted write", entry.path)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the collection's exclusive lock (threads and processes alike)."""
+        self._ensure_dirs()
+        try:
+            fd = os.open(self._lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise _os_error("open lock file", self._lock_path, exc) from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                raise _os_error("lock", self._lock_path, exc) from exc
+            yield
+        finally:
+            os.close(fd)
+
+    # ----------------------------------------------------------------- files
+    def _atomic_write(self, final: str, magic: bytes, payload: bytes) -> None:
+        """Replace ``final`` by header + payload so that readers see all of it or the old file."""
+        directory = os.path.dirname(final)
+        tmp = os.path.join(directory, TMP_PREFIX + uuid.uuid4().hex)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise _os_error("write", final, exc, f"creating a temporary file in {directory!r} failed") from exc
+        try:
+            try:
+                _write_all(fd, _header(magic, payload))
+                _write_all(fd, payload)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise _os_error("write", final, exc, "the previous version is unchanged") from exc
+            raise
+        _fsync_dir(directory)
+
+    @staticmethod
+    def _read_verified(path: str, magic: bytes) -> bytes | None:
+        """The payload of ``path`` after checking its header and checksum; None if absent."""
+        try:
+            with open(path, "rb") as f:
+                header = f.readline(_MAX_HEADER)
+                payload = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _os_error("read", path, exc) from exc
+        fields = header[:-1].split(b" ") if header.endswith(b"\n") else []
+        if len(fields) != 4 or fields[0] != magic:
+            raise CorruptionError(path, f"missing or malformed {magic.decode()} header (torn or foreign file)")
+        if fields[1] != FORMAT_VERSION:
+            raise SchemaVersionError(f"{path}: written in format {fields[1]!r}, this ptutils reads {FORMAT_VERSION!r}")
+        if not fields[3].isdigit() or int(fields[3]) != len(payload):
+            raise CorruptionError(path, f"holds {len(payload)} bytes, header says {fields[3].decode(errors='replace')} (truncated?)")
+        if hashlib.sha256(payload).hexdigest().encode("ascii") != fields[2]:
+            raise CorruptionError(path, "sha256 checksum mismatch (corrupt file)")
+        return payload
+
+    def _read_doc(self, doc_id: str) -> dict | None:
+        path = self._doc_path(doc_id)
+        payload = self._read_verified(path, DOC_MAGIC)
+        if payload is None:
+            return None
+        try:
+            doc = json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CorruptionError(path, f"not valid JSON ({exc})") from exc
+        if not isinstance(doc, dict) or doc.get("_id") != doc_id or not isinstance(doc.get("_version"), int):
+            raise CorruptionError(path, f"is not a stored document with _id {doc_id!r} and an integer _version")
+        return doc
+
+    def _write_doc(self, doc: dict) -> None:
+        try:
+            payload = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode("ascii")
+        except (TypeError, ValueError) as exc:
+            raise CodecError(doc.get("_id", ""), f"document is not plain JSON after encoding ({exc})") from exc
+        self._atomic_write(self._doc_path(doc["_id"]), DOC_MAGIC, payload)
+
+    def _doc_ids(self) -> list[str]:
+        try:
+            names = os.listdir(self._docs)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise _os_error("list", self._docs, exc) from exc
+        ids = []
+        for name in names:
+            if name.startswith(".") or not name.endswith(DOC_SUFFIX):
+                continue
+            doc_id = name[: -len(DOC_SUFFIX)]
+            try:
+                check_id(doc_id)
+            except InvalidIdError:
+                log.warning("ignoring %s: not a document file of this store", os.path.join(self._docs, name))
+                continue
+            ids.append(doc_id)
+        return sorted(ids)
+
+    def _scan(self) -> Iterator[dict]:
+        """Every stored document (those deleted while scanning are skipped)."""
+        for doc_id in self._doc_ids():
+            doc = self._read_doc(doc_id)
+            if doc is not None:
+                yield doc
+
+    def _unlink(self, path: str) -> bool:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise _os_error("delete", path, exc) from exc
+        return True
+
+    # ----------------------------------------------------------------- primitives
+    def _write(self, doc_id: str, body: dict) -> dict | None:
+        check_id(doc_id)
+        with self._locked():
+            old = self._read_doc(doc_id)
+            version = old["_version"] + 1 if old is not None else 1
+            doc = {"_id": doc_id, "_version": version}
+            doc.update((k, v) for k, v in body.items() if k not in ("_id", "_version"))
+            self._write_doc(doc)
+        return old
+
+    def _get(self, ids: Sequence[str]) -> dict[str, dict]:
+        found = {}
+        for doc_id in ids:
+            if doc_id not in found:
+                doc = self._read_doc(doc_id)
+                if doc is not None:
+                    found[doc_id] = doc
+        return found
+
+    def _find(
+        self, query: Node, sort: list[tuple[Path, int]], limit: int | None, skip: int, projection: list[Path] | None
+    ) -> list[dict]:
+        docs = [d for d in self._scan() if matches(query, d)]
+        for path, direction in reversed(sort):
+            docs.sort(key=lambda d, p=path: sort_key(d, p), reverse=direction < 0)
+        docs = docs[skip:] if limit is None else docs[skip : skip + limit]
+        return [project(d, projection) for d in docs]
+
+    def _count(self, query: Node) -> int:
+        return sum(1 for d in self._scan() if matches(query, d))
+
+    def _remove(self, select: Callable[[], Iterable[dict]]) -> list[dict]:
+        if not os.path.isdir(self._docs):
+            return []
+        removed = []
+        with self._locked():
+            for doc in select():
+                if self._unlink(self._doc_path(doc["_id"])):
+                    removed.append(doc)
+            if removed:
+                _fsync_dir(self._docs)
+        return removed
+
+    def _remove_ids(self, ids: Sequence[str]) -> list[dict]:
+        return self._remove(lambda: self._get(ids).values())
+
+    def _remove_query(self, query: Node) -> list[dict]:
+        return self._remove(lambda: [d for d in self._scan() if matches(query, d)])
+
+    def _update(
+        self, doc_id: str, update: Update, expected_version: int | None, upsert: bool
+    ) -> tuple[dict | None, dict] | None:
+        check_id(doc_id)
+        with self._locked():
+            current = self._read_doc(doc_id)
+            self.check_version(doc_id, current, expected_version)
+            if current is None and not upsert:
+                return None
+            base = current if current is not None else {"_id": doc_id, "_version": 0}
+            new = apply_update(base, update)
+            new["_id"] = doc_id
+            new["_version"] = base["_version"] + 1
+            self._write_doc(new)
+        return current, new
+
+    def _put_blob(self, blob_id: str, data: bytes) -> None:
+        path = self._blob_path(blob_id)
+        self._ensure_dirs()
+        self._atomic_write(path, BLOB_MAGIC, data)
+
+    def _get_blob(self, blob_id: str) -> bytes:
+        data = self._read_verified(self._blob_path(blob_id), BLOB_MAGIC)
+        if data is None:
+            raise NotFoundError("blob", blob_id, self._where())
+        return data
+
+    def _delete_blobs(self, blob_ids: Iterable[str]) -> None:
+        removed = False
+        for blob_id in blob_ids:
+            removed |= self._unlink(self._blob_path(blob_id))
+        if removed:
+            _fsync_dir(self._blobs)
