@@ -771,7 +771,7 @@ class Session:
     # ------------------------------------------------------------------ status
     def _progress_fields(self) -> dict[str, Any]:
         stage = self.current_stage
-        total = self._stage_total(stage)
+        total = self.stage_total(stage)
         stage_progress = min(1.0, self.stage_step / total) if total else 0.0
         names = list(self.stages)
         index = names.index(self.stage)
@@ -787,7 +787,8 @@ class Session:
             "metrics": {k: v for k, v in self.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
         }
 
-    def _stage_total(self, stage: Stage) -> int | None:
+    def stage_total(self, stage: Stage) -> int | None:
+        """Steps the stage's budget allows (None when unbounded or the loader has no length)."""
         totals = []
         if stage.max_steps is not None:
             totals.append(stage.max_steps)
@@ -798,7 +799,7 @@ class Session:
     def _heartbeat(self) -> None:
         fields = self._progress_fields()
         stage = self.current_stage
-        record = self._status.heartbeat(fields, self.stage_step, self._stage_total(stage))
+        record = self._status.heartbeat(fields, self.stage_step, self.stage_total(stage))
         if record is not None and (record.get("control") or {}).get("pause") and self.is_running:
             self.pause(reason=(record.get("control") or {}).get("reason") or "requested")
 

@@ -121,6 +121,7 @@ class Monitor:
     ``quantity`` is a metric name (``"loss"``, ``"grad_norm"``, ``"val_loss"`` ...),
     a callable ``session -> value``, or None (the action just runs on schedule).
     ``on`` is ``"step"`` or ``"epoch"``.  ``once`` disarms the monitor after it fires.
+    ``stages`` limits it to those stages (default: every stage).
     """
 
     def __init__(
@@ -132,6 +133,7 @@ class Monitor:
         every: int = 1,
         on: str = "step",
         once: bool = False,
+        stages: Iterable[str] | None = None,
         name: str | None = None,
     ):
         if on not in ("step", "epoch"):
@@ -142,6 +144,7 @@ class Monitor:
         self.when = when if when is not None else Always()
         self.actions = list(then) if isinstance(then, (list, tuple)) else [then]
         self.every, self.on, self.once = every, on, once
+        self.stages = None if stages is None else frozenset(stages)
         self.name = name or f"Monitor({quantity if isinstance(quantity, str) else getattr(quantity, '__name__', 'f')})"
         self.count = 0
         self.fired = 0
@@ -149,7 +152,7 @@ class Monitor:
         self.needs_grad_norm = quantity == "grad_norm"
 
     def __call__(self, session: Session) -> Session:
-        if session.event != self.on or not self.armed:
+        if session.event != self.on or not self.armed or (self.stages is not None and session.stage not in self.stages):
             return session
         self.count += 1
         if self.count % self.every:
@@ -196,14 +199,21 @@ def every_n_steps(n: int, then: Action | Sequence[Action]) -> Monitor:
 
 
 class Evaluate:
-    """Evaluate on a data request every ``every`` epochs (or steps) and store ``{prefix}_*`` metrics."""
+    """Evaluate on a data request every ``every`` epochs (or steps) and store ``{prefix}_*`` metrics.
 
-    def __init__(self, data: Any, *, prefix: str = "val", every: int = 1, on: str = "epoch"):
+    ``stages`` limits it to those stages (default: the training stages).
+    """
+
+    def __init__(
+        self, data: Any, *, prefix: str = "val", every: int = 1, on: str = "epoch", stages: Iterable[str] | None = None
+    ):
         self.data, self.prefix, self.every, self.on = data, prefix, every, on
+        self.stages = None if stages is None else frozenset(stages)
         self.count = 0
 
     def __call__(self, session: Session) -> Session:
-        if session.event == self.on:
+        wanted = session.current_stage.mode == "train" if self.stages is None else session.stage in self.stages
+        if session.event == self.on and wanted:
             self.count += 1
             if self.count % self.every == 0:
                 session.evaluate(self.data, prefix=self.prefix)
