@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CodecError, CorruptionError
+from .errors import CodecError, CorruptionError, StorageError
 
 TAG = "$ptutils"
 BLOB_THRESHOLD = 64 * 1024
@@ -154,7 +154,7 @@ def decode(value: Any, *, get_blob: GetBlob | None = None, _path: str = "") -> A
         return {k: decode(v, get_blob=get_blob, _path=_key_path(_path, k)) for k, v in value.items()}
     try:
         return _decode_tagged(kind, value, get_blob, _path)
-    except (CodecError, CorruptionError):
+    except StorageError:  # CodecError, CorruptionError, and get_blob's NotFoundError or disk errors
         raise
     except (LookupError, TypeError, ValueError, RuntimeError) as exc:
         raise CorruptionError(_path or "<root>", f"malformed {kind!r} value: {exc}") from exc

@@ -18,18 +18,19 @@ from __future__ import annotations
 import abc
 import re
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from . import codec
-from .errors import ConflictError, InvalidIdError, NotFoundError, StorageError
+from .errors import ConflictError, CorruptionError, InvalidIdError, NotFoundError, StorageError
 from .query import Node, Path, Update, parse_projection, parse_query, parse_sort, parse_update
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")
 COLLECTION_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 DEFAULT_COLLECTION = "documents"
+_READ_ATTEMPTS = 8
 
 
 def new_id() -> str:
@@ -116,8 +117,8 @@ class DBInterface(abc.ABC):
             raise ValueError(f"skip must be a non-negative int, got {skip!r}")
         if limit == 0:
             return []
-        found = self._find(parse_query(query), parse_sort(sort), limit, skip, parse_projection(projection))
-        return [self._decode(d) for d in found]
+        node, order, paths = parse_query(query), parse_sort(sort), parse_projection(projection)
+        return self._decode_consistent(lambda: self._find(node, order, limit, skip, paths))
 
     def load_one(self, query: Mapping[str, Any] | None = None, *, sort: Any = None) -> dict | None:
         """The first document matching ``query`` (in ``sort`` order), or None."""
@@ -131,11 +132,15 @@ class DBInterface(abc.ABC):
     def load_from_ids(self, ids: Sequence[str]) -> list[dict]:
         """Documents for ``ids``, in the same order; raises NotFoundError for a missing one."""
         ids = [check_id(i) for i in ids]
-        found = self._get(ids)
-        missing = [i for i in ids if i not in found]
-        if missing:
-            raise NotFoundError("document", ", ".join(missing), self._where())
-        return [self._decode(found[i]) for i in ids]
+
+        def fetch() -> list[dict]:
+            found = self._get(ids)
+            missing = [i for i in ids if i not in found]
+            if missing:
+                raise NotFoundError("document", ", ".join(missing), self._where())
+            return [found[i] for i in ids]
+
+        return self._decode_consistent(fetch)
 
     def exists(self, doc_id: str) -> bool:
         """Whether a document with ``doc_id`` is stored."""
@@ -236,6 +241,30 @@ class DBInterface(abc.ABC):
 
     def _decode(self, stored: Mapping[str, Any]) -> dict:
         return codec.decode(stored, get_blob=self.get_blob)
+
+    def _decode_consistent(self, fetch: Callable[[], list[dict]]) -> list[dict]:
+        """Decode what ``fetch`` returns, fetching again if a blob vanished meanwhile.
+
+        A concurrent save/update/delete removes the blobs of the version it
+        replaced right after the replacement, so a reader that fetched that
+        version just before may find one of its blobs gone: the fresh fetch
+        sees the new version (or no document).  A blob that stays missing is
+        a damaged document: CorruptionError.
+        """
+        attempts = 0
+        while True:
+            found = fetch()
+            try:
+                return [self._decode(d) for d in found]
+            except NotFoundError as exc:
+                owners = [d.get("_id") for d in found if exc.key in codec.blob_refs(d)]
+                if not owners:
+                    raise
+                attempts += 1
+                if attempts >= _READ_ATTEMPTS:
+                    raise CorruptionError(
+                        f"document {owners[0]!r} in {self._where()}", f"its blob {exc.key!r} is missing"
+                    ) from exc
 
     @staticmethod
     def check_version(doc_id: str, current: Mapping[str, Any] | None, expected: int | None) -> None:
