@@ -128,8 +128,11 @@ def _encode_ndarray(arr: np.ndarray, put_blob: PutBlob | None, threshold: int, p
 
 
 def _encode_tensor(t: torch.Tensor, put_blob: PutBlob | None, threshold: int, path: str) -> dict:
-    if t.layout != torch.strided or t.is_quantized:
-        raise CodecError(path, f"only dense tensors can be stored, got layout {t.layout}")
+    if t.layout != torch.strided or t.is_quantized or t.is_nested:
+        kind = "nested" if t.is_nested else "quantized" if t.is_quantized else str(t.layout)
+        raise CodecError(path, f"only dense tensors can be stored, got a {kind} tensor")
+    if t.is_meta:
+        raise CodecError(path, "a tensor on the meta device has no values to store")
     name = str(t.dtype).removeprefix("torch.")
     if name not in _TORCH_DTYPES:
         raise CodecError(path, f"tensors of dtype {t.dtype} cannot be stored")
@@ -156,7 +159,7 @@ def decode(value: Any, *, get_blob: GetBlob | None = None, _path: str = "") -> A
         return _decode_tagged(kind, value, get_blob, _path)
     except StorageError:  # CodecError, CorruptionError, and get_blob's NotFoundError or disk errors
         raise
-    except (LookupError, TypeError, ValueError, RuntimeError) as exc:
+    except (LookupError, TypeError, ValueError, ArithmeticError, RuntimeError) as exc:
         raise CorruptionError(_path or "<root>", f"malformed {kind!r} value: {exc}") from exc
 
 
@@ -164,6 +167,8 @@ def _decode_tagged(kind: str, obj: Mapping, get_blob: GetBlob | None, path: str)
     if kind == "tuple":
         return tuple(decode(v, get_blob=get_blob, _path=f"{path}[{i}]") for i, v in enumerate(obj["items"]))
     if kind == "int":
+        if not isinstance(obj["value"], str):
+            raise TypeError(f"expected the digits as a string, got {type(obj['value']).__name__}")
         return int(obj["value"])
     if kind == "float":
         if obj["value"] not in ("nan", "inf", "-inf"):
