@@ -1,0 +1,889 @@
+"""Data for sessions: providers, datasets, readers and resumable sampling.
+
+A session asks its :class:`DataProvider` for a :class:`torch.utils.data.DataLoader`
+with a *request* (a dataset name, or a dict such as ``{"dataset": "train",
+"stage": "train", "epoch": 3}``).  The ready :class:`DatasetProvider` answers from a
+table of named datasets and per-dataset :class:`LoaderSettings`.
+
+A :class:`Dataset` reads records through a :class:`DataReader` (HDF5, Zarr or an
+image folder: see :mod:`ptutils.readers`).  Readers read whole batches at once: the
+DataLoader hands a batch's indices to :meth:`Dataset.__getitems__`, which sorts
+them and asks the reader for all of them in one call, so contiguous runs become one
+slice read instead of one read per sample.
+
+Sampling is resumable: the default loaders draw indices from a
+:class:`ResumableSampler`, whose order for an epoch is a pure function of
+``(seed, epoch)``.  :func:`set_loader_position` moves a loader to "epoch *e*, *b*
+batches already done", so a session resumed mid-epoch sees exactly the batches it
+would have seen.  Random transforms of a :class:`Dataset` are seeded per batch from
+``(seed, epoch, batch number)``, so augmented batches repeat exactly too.
+
+This module never imports a file-format library (h5py, zarr): readers live in
+:mod:`ptutils.readers` and are imported only when used.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Union
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Sampler, default_collate
+
+from .errors import ConfigError, DataError
+
+__all__ = [
+    "ArrayReader",
+    "BatchIndices",
+    "Collated",
+    "DataIndexError",
+    "DataProvider",
+    "DataReader",
+    "Dataset",
+    "DatasetProvider",
+    "ImageNet",
+    "Index",
+    "LoaderSettings",
+    "Request",
+    "ResumableBatchSampler",
+    "ResumableSampler",
+    "check_index",
+    "collate",
+    "coalesce_runs",
+    "make_dataloader",
+    "set_loader_position",
+]
+
+Request = Union[str, Mapping[str, Any]]
+"""What a session asks a provider for: a dataset name or a dict (see DatasetProvider)."""
+
+Index = Union[int, slice, np.ndarray]
+
+
+class DataIndexError(DataError, IndexError):
+    """An index is outside a data source; also an IndexError so ``for x in ds`` stops."""
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed that is a pure function of ``values`` (stable across runs)."""
+    data = b"".join(int(v).to_bytes(16, "little", signed=True) for v in values)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def check_index(index: Index, length: int, source: str | None = None) -> Index:
+    """Validate ``index`` for a source of ``length`` records and normalise it.
+
+    Returns a non-negative ``int``, a ``slice`` with step 1 and ``0 <= start <= stop
+    <= length``, or a 1-D int64 array that is strictly increasing (sorted, no
+    duplicates) and in range.  Anything else raises :class:`DataIndexError` naming
+    ``source``.  Readers call this first so every reader rejects bad indices alike.
+    """
+    if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
+        i = int(index)
+        if i < 0:
+            i += length
+        if not 0 <= i < length:
+            raise DataIndexError(f"index out of range for {length} records", file=source, index=int(index))
+        return i
+    if isinstance(index, slice):
+        start, stop, step = index.indices(length)
+        if step != 1:
+            raise DataIndexError("only slices with step 1 are supported", file=source, index=index)
+        return slice(start, max(start, stop))
+    arr = np.asarray(index)
+    if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
+        raise DataIndexError("expected an int, a slice or a 1-D integer array", file=source, index=repr(index))
+    arr = arr.astype(np.int64, copy=False)
+    if arr.size and (arr[0] < 0 or arr[-1] >= length):
+        bad = int(arr[0] if arr[0] < 0 else arr[-1])
+        raise DataIndexError(f"index out of range for {length} records", file=source, index=bad)
+    if arr.size > 1 and not bool(np.all(arr[1:] > arr[:-1])):
+        raise DataIndexError("index arrays must be strictly increasing", file=source, index=arr.tolist())
+    return arr
+
+
+def coalesce_runs(indices: np.ndarray, max_gap: int = 0) -> list[tuple[int, int]]:
+    """Group sorted ``indices`` into ``(start, stop)`` spans to read as slices.
+
+    Neighbours at most ``max_gap`` records apart share a span (the records between
+    them are read and dropped): one larger read is cheaper than two small ones when
+    the gap is smaller than a storage chunk or a few kilobytes.
+    """
+    if indices.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(indices) > max_gap + 1) + 1
+    starts = indices[np.concatenate(([0], breaks))]
+    stops = indices[np.concatenate((breaks - 1, [indices.size - 1]))] + 1
+    return list(zip(starts.tolist(), stops.tolist()))
+
+
+class DataReader(abc.ABC):
+    """Reads records of one data source by position; the base of every reader.
+
+    A record is a tuple of fields named by :attr:`fields` (e.g. ``("images",
+    "labels")``).  :meth:`read` takes
+
+    * an ``int``: returns the record, one value per field;
+    * a ``slice`` (step 1) or a strictly increasing int array: returns one *column*
+      per field holding those records in order (a numpy array of shape ``(n, ...)``,
+      or a list when records differ in shape, like decoded images).
+
+    Readers must be picklable without open handles (they travel to DataLoader
+    worker processes) and open their source lazily in each process.
+    """
+
+    #: The names of the fields of a record.
+    fields: tuple[str, ...] = ("data",)
+
+    @property
+    def source(self) -> str:
+        """The file, folder or URL read, as named in error messages."""
+        return type(self).__name__
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """Full shape of each field (first axis = records), or None when records vary."""
+        return None
+
+    @property
+    def chunk_size(self) -> int | None:
+        """Records per storage chunk (for chunk-aware shuffling), or None if unchunked."""
+        return None
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """The number of records."""
+
+    @abc.abstractmethod
+    def read(self, index: Index) -> tuple[Any, ...]:
+        """Read one record (``int``) or a batch of records (slice / sorted array)."""
+
+    def close(self) -> None:
+        """Release open handles in this process (reopened lazily on the next read)."""
+
+    def locate_error(self, index: Index, exc: BaseException) -> DataError:
+        """The error naming the first record of ``index`` that cannot be read.
+
+        Readers call this when a batched read fails: each record is retried alone
+        (slow, but only on failure) so the error names the bad index.
+        """
+        if isinstance(index, slice):
+            index = np.arange(index.start, index.stop)
+        if isinstance(index, np.ndarray):
+            for i in index.tolist():
+                try:
+                    self.read(i)
+                except DataError as err:
+                    return err
+        return DataError(f"cannot read: {exc}", file=self.source, index=index if isinstance(index, int) else None)
+
+    def __enter__(self) -> DataReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ArrayReader(DataReader):
+    """Records from in-memory arrays of equal length (numpy arrays or tensors).
+
+    ``ArrayReader(images=x, labels=y)``: the keyword order is the field order.
+    For small data, tests and examples; reads return copies, never views.
+    """
+
+    def __init__(self, **arrays: Any):
+        if not arrays:
+            raise DataError("no arrays given", file="ArrayReader")
+        self.arrays = {name: np.asarray(value) for name, value in arrays.items()}
+        for name, value in self.arrays.items():
+            if value.ndim == 0:
+                raise DataError(f"array {name!r} is a scalar; records need a first axis", file="ArrayReader")
+        lengths = {name: len(value) for name, value in self.arrays.items()}
+        if len(set(lengths.values())) > 1:
+            raise DataError(f"arrays have different lengths: {lengths}", file="ArrayReader")
+        self.fields = tuple(self.arrays)
+        self._len = next(iter(lengths.values()))
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: value.shape for name, value in self.arrays.items()}
+
+    def __len__(self) -> int:
+        return self._len
+
+    def read(self, index: Index) -> tuple[Any, ...]:
+        index = check_index(index, self._len, self.source)
+        return tuple(np.array(value[index]) for value in self.arrays.values())
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _to_tensor(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value) if value.flags.writeable else torch.from_numpy(value.copy())
+    return value
+
+
+def _scalar(value: Any) -> Any:
+    """A record's 0-d value as a plain Python number (like torchvision labels)."""
+    if isinstance(value, (np.ndarray, np.generic)) and np.ndim(value) == 0:
+        return value.item()
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return value.item()
+    return value
+
+
+def _collate_column(column: Any) -> Any:
+    """What ``default_collate`` makes of a column, built without splitting it.
+
+    Python-scalar fields collate to int64 / float64 / bool tensors; array fields
+    stack.  Returns None when the column is a list (records of varying shape).
+    """
+    if isinstance(column, list):
+        return None
+    tensor = torch.as_tensor(column)
+    if tensor.dim() == 1:
+        if tensor.dtype.is_floating_point:
+            return tensor.to(torch.float64)
+        if tensor.dtype == torch.bool:
+            return tensor
+        return tensor.to(torch.int64)
+    return tensor
+
+
+class BatchIndices(list):
+    """A batch of indices carrying the seed of its random transforms (see ResumableBatchSampler)."""
+
+    def __init__(self, indices: Sequence[int], seed: int | None = None, precollate: bool = False):
+        super().__init__(indices)
+        self.seed = seed
+        self.precollate = precollate
+
+
+class Collated:
+    """A batch a :class:`Dataset` collated itself; :func:`collate` unwraps it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+def collate(batch: Any) -> Any:
+    """``default_collate``, passing through batches a :class:`Dataset` already collated."""
+    if isinstance(batch, Collated):
+        return batch.value
+    return default_collate(batch)
+
+
+class _SeededRNG:
+    """Run a block with the torch CPU RNG seeded, restoring the caller's state after."""
+
+    def __init__(self, seed: int | None):
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        if self.seed is not None:
+            self._state = torch.get_rng_state()
+            torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.seed is not None:
+            torch.set_rng_state(self._state)
+
+
+class Dataset(torch.utils.data.Dataset):
+    """A torch Dataset reading its records through a :class:`DataReader`.
+
+    A sample is the record's single field, or a tuple of its fields; arrays become
+    tensors and 0-d values Python numbers.  ``transform`` applies to the first field
+    (the input), ``target_transform`` to the second (the target).
+
+    The DataLoader calls :meth:`__getitems__` with a whole batch of indices: they
+    are read in one sorted, coalesced reader call.  Without transforms the batch
+    comes back already collated (see :func:`collate`).  With transforms, the torch
+    RNG is seeded per batch when the batch carries a seed (as those of
+    :class:`ResumableBatchSampler` do), so random augmentations repeat exactly when
+    a session resumes.
+    """
+
+    def __init__(
+        self,
+        reader: DataReader,
+        transform: Callable[[Any], Any] | None = None,
+        target_transform: Callable[[Any], Any] | None = None,
+    ):
+        self.reader = reader
+        self.transform = transform
+        self.target_transform = target_transform
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    @property
+    def chunk_size(self) -> int | None:
+        """The reader's records per storage chunk (used by ``chunk_size="auto"``)."""
+        return self.reader.chunk_size
+
+    def to_tensors(self, record: tuple[Any, ...], *, batch: bool) -> tuple[Any, ...]:
+        """Convert raw reader output (one record, or columns if ``batch``) to tensors.
+
+        Subclasses override this to reshape fields (e.g. NHWC -> CHW images).
+        """
+        if batch:
+            return tuple(_to_tensor(col) if isinstance(col, np.ndarray) else col for col in record)
+        return tuple(_scalar(_to_tensor(v)) for v in record)
+
+    def _finish(self, values: Sequence[Any]) -> Any:
+        values = list(values)
+        if self.transform is not None:
+            values[0] = self.transform(values[0])
+        if self.target_transform is not None and len(values) > 1:
+            values[1] = self.target_transform(values[1])
+        return values[0] if len(values) == 1 else tuple(values)
+
+    def __getitem__(self, index: int) -> Any:
+        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
+            raise DataIndexError("Dataset indices are ints", file=self.reader.source, index=repr(index))
+        record = self.reader.read(check_index(index, len(self), self.reader.source))
+        return self._finish(self.to_tensors(tuple(record), batch=False))
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any] | Collated:
+        """Read a batch in one reader call; the samples come back in ``indices`` order.
+
+        Returns the list of samples, or, when the indices ask for it
+        (``BatchIndices.precollate``) and there are no transforms, the collated
+        batch wrapped in :class:`Collated`.
+        """
+        idx = np.asarray(indices, dtype=np.int64)
+        n = len(self)
+        if idx.size and idx.min() < 0:
+            idx = np.where(idx < 0, idx + n, idx)
+        if idx.size < 2 or bool(np.all(idx[1:] > idx[:-1])):
+            columns = self.reader.read(check_index(idx, n, self.reader.source))
+        else:
+            unique, inverse = np.unique(idx, return_inverse=True)
+            columns = self.reader.read(check_index(unique, n, self.reader.source))
+            columns = tuple(
+                [col[j] for j in inverse.tolist()] if isinstance(col, list) else col[inverse] for col in columns
+            )
+        columns = self.to_tensors(tuple(columns), batch=True)
+        if self.transform is None and self.target_transform is None:
+            if getattr(indices, "precollate", False):
+                collated = [_collate_column(col) for col in columns]
+                if all(c is not None for c in collated):
+                    return Collated(collated[0] if len(collated) == 1 else collated)
+            return [self._finish(self._row(columns, j)) for j in range(idx.size)]
+        with _SeededRNG(getattr(indices, "seed", None)):
+            return [self._finish(self._row(columns, j)) for j in range(idx.size)]
+
+    @staticmethod
+    def _row(columns: tuple[Any, ...], j: int) -> list[Any]:
+        return [col[j] if isinstance(col, list) else _scalar(col[j]) for col in columns]
+
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageNet(Dataset):
+    """ImageNet-style images and labels from HDF5 (or any two-field reader).
+
+    ``source`` is an HDF5 file path (read with :class:`ptutils.readers.hdf5.HDF5Reader`,
+    imported only here) or a ready :class:`DataReader` whose fields are (images,
+    labels).  Images are uint8 arrays ``(N, C, H, W)`` or ``(N, H, W, C)``
+    (``layout="auto"`` decides from where the 1 or 3 channels are); samples are
+    ``(CHW uint8 tensor, int label)``, the input torchvision transforms v2 expect.
+    With ``split``, fields are read from ``{split}/{images_key}`` and
+    ``{split}/{labels_key}``.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | DataReader,
+        *,
+        split: str | None = None,
+        images_key: str = "images",
+        labels_key: str = "labels",
+        layout: str = "auto",
+        transform: Callable[[Any], Any] | None = None,
+        target_transform: Callable[[Any], Any] | None = None,
+        reader_options: Mapping[str, Any] | None = None,
+    ):
+        if isinstance(source, DataReader):
+            reader = source
+        else:
+            from ptutils.readers.hdf5 import HDF5Reader
+
+            prefix = f"{split}/" if split else ""
+            reader = HDF5Reader(source, keys=(prefix + images_key, prefix + labels_key), **dict(reader_options or {}))
+        super().__init__(reader, transform=transform, target_transform=target_transform)
+        self.layout = self._check(reader, layout)
+
+    @staticmethod
+    def _check(reader: DataReader, layout: str) -> str:
+        if len(reader.fields) != 2:
+            raise DataError(f"ImageNet needs (images, labels) fields, got {reader.fields}", file=reader.source)
+        shapes = reader.shapes
+        if shapes is None:
+            raise DataError("ImageNet needs a reader of fixed-shape arrays", file=reader.source)
+        images, labels = (shapes[f] for f in reader.fields)
+        if len(images) != 4:
+            raise DataError(f"images must be 4-D (N,C,H,W or N,H,W,C), got shape {images}", file=reader.source)
+        if len(labels) != 1:
+            raise DataError(f"labels must be 1-D, got shape {labels}", file=reader.source)
+        if layout == "auto":
+            if images[1] in (1, 3):
+                layout = "NCHW"
+            elif images[3] in (1, 3):
+                layout = "NHWC"
+            else:
+                raise DataError(f"cannot tell the channel axis of images of shape {images}", file=reader.source)
+        if layout not in ("NCHW", "NHWC"):
+            raise ConfigError("layout", f"expected 'auto', 'NCHW' or 'NHWC', got {layout!r}")
+        channels = images[1] if layout == "NCHW" else images[3]
+        if channels not in (1, 3):
+            raise DataError(f"{layout} images of shape {images} do not have 1 or 3 channels", file=reader.source)
+        return layout
+
+    def to_tensors(self, record: tuple[Any, ...], *, batch: bool) -> tuple[Any, ...]:
+        images, labels = super().to_tensors(record, batch=batch)
+        if self.layout == "NHWC":
+            images = images.permute(0, 3, 1, 2) if batch else images.permute(2, 0, 1)
+            if batch:
+                images = images.contiguous()
+        return images, labels
+
+    @staticmethod
+    def train_transform(size: int = 224) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The usual training augmentation (random resized crop, flip, normalise), v2."""
+        from torchvision.transforms import v2
+
+        return v2.Compose(
+            [
+                v2.RandomResizedCrop(size, antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(_IMAGENET_MEAN, _IMAGENET_STD),
+            ]
+        )
+
+    @staticmethod
+    def eval_transform(size: int = 224, resize: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The usual evaluation transform (resize, centre crop, normalise), v2."""
+        from torchvision.transforms import v2
+
+        return v2.Compose(
+            [
+                v2.Resize(resize or round(size * 256 / 224), antialias=True),
+                v2.CenterCrop(size),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(_IMAGENET_MEAN, _IMAGENET_STD),
+            ]
+        )
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class ResumableSampler(Sampler[int]):
+    """Indices ``0..length-1`` in an order that is a pure function of ``(seed, epoch)``.
+
+    * ``shuffle=False``: sequential order.  ``shuffle=True``: a full random
+      permutation drawn from a local ``torch.Generator`` seeded with
+      ``(seed, epoch)``; the global RNG is never touched.
+    * ``chunk_size`` (with ``shuffle``): chunk-aware shuffle for chunked storage.
+      The chunks (runs of ``chunk_size`` consecutive indices) are permuted, then
+      taken ``window`` chunks at a time (default 8) and the indices of those
+      chunks permuted together.  Every index still appears exactly once per epoch,
+      but randomness is lesser: a batch draws from only about ``window`` chunks,
+      and indices of one chunk land in the same stretch of the epoch.  That makes
+      reads several times cheaper, and is statistically harmless only when the
+      storage order is itself random (shuffle the data when writing it; do not use
+      it on data stored sorted by class unless ``window`` spans many classes).
+
+    Position: each ``__iter__`` is one epoch.  It yields the epoch set by
+    :meth:`set_epoch` / :meth:`set_position` / :meth:`load_state_dict`, otherwise
+    the epoch after the previous pass (so a plain training loop gets a new order
+    each epoch).  :meth:`set_position` skips the first ``start`` indices of that
+    epoch's order for the next pass only.  ``len()`` is always ``length``.
+    """
+
+    def __init__(
+        self,
+        length: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        chunk_size: int | None = None,
+        window: int | None = None,
+    ):
+        if length < 0:
+            raise ValueError(f"length must be >= 0, got {length}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.length = int(length)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.chunk_size = chunk_size
+        self.window = window if window is not None else 8
+        self.epoch = 0
+        self._start = 0
+        self._advance = False
+        self._pos = 0
+        self._token: object | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass produce ``epoch`` from its beginning."""
+        self.set_position(epoch, 0)
+
+    def set_position(self, epoch: int, start: int) -> None:
+        """Make the next pass produce ``epoch`` without its first ``start`` indices."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if not 0 <= start <= self.length:
+            raise ValueError(f"start must be in [0, {self.length}], got {start}")
+        self.epoch = int(epoch)
+        self._start = int(start)
+        self._advance = False
+        self._token = None
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """``(epoch, start)`` the sampler would continue from, as in :meth:`state_dict`.
+
+        During a pass, ``start`` counts the indices handed out so far.  With
+        DataLoader workers those run ahead of the batches the loop consumed (they
+        are prefetched): for exact resume use the loop's own batch count with
+        :func:`set_loader_position`.
+        """
+        if not self._advance:
+            return self.epoch, self._start
+        if self._pos >= self.length:
+            return self.epoch + 1, 0
+        return self.epoch, self._pos
+
+    def state_dict(self) -> dict[str, int]:
+        """Plain ints: ``length``, ``seed``, and the ``epoch``/``start`` of :attr:`position`."""
+        epoch, start = self.position
+        return {"length": self.length, "seed": self.seed, "epoch": epoch, "start": start}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Restore :meth:`state_dict` output; the next pass continues from it."""
+        if int(state["length"]) != self.length:
+            raise ValueError(f"state is for {state['length']} samples, this sampler has {self.length}")
+        self.seed = int(state["seed"])
+        self.set_position(int(state["epoch"]), int(state["start"]))
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The full index order of ``epoch`` (int64 tensor of length ``length``)."""
+        n = self.length
+        if not self.shuffle:
+            return torch.arange(n, dtype=torch.int64)
+        gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
+        if self.chunk_size is None or n == 0:
+            return torch.randperm(n, generator=gen)
+        size = self.chunk_size
+        chunks = torch.randperm(math.ceil(n / size), generator=gen)
+        parts = []
+        for w in range(0, chunks.numel(), self.window):
+            spans = [torch.arange(c * size, min((c + 1) * size, n)) for c in chunks[w : w + self.window].tolist()]
+            window = torch.cat(spans)
+            parts.append(window[torch.randperm(window.numel(), generator=gen)])
+        return torch.cat(parts)
+
+    def _begin(self) -> tuple[list[int], int, int, object]:
+        """Start a pass: its indices, epoch, start, and the token that tracks it."""
+        if self._advance:
+            self.epoch += 1
+            self._start = 0
+        start = self._start
+        self._start = 0
+        self._advance = True
+        self._pos = start
+        self._token = token = object()
+        return self.order(self.epoch)[start:].tolist(), self.epoch, start, token
+
+    def _handed_out(self, token: object, count: int) -> None:
+        """Count indices handed out by the pass of ``token`` (ignored once superseded)."""
+        if self._token is token:
+            self._pos += count
+
+    def _finish(self, token: object) -> None:
+        if self._token is token:
+            self._pos = self.length
+
+    def __iter__(self) -> Iterator[int]:
+        indices, _, _, token = self._begin()
+        return self._generate(indices, token)
+
+    def _generate(self, indices: list[int], token: object) -> Iterator[int]:
+        for i in indices:
+            self._handed_out(token, 1)
+            yield i
+        self._finish(token)
+
+
+class ResumableBatchSampler(BatchSampler):
+    """A BatchSampler over a :class:`ResumableSampler` whose batches carry a seed.
+
+    Each batch is a :class:`BatchIndices` with ``seed = f(sampler seed, epoch, batch
+    number)``; :meth:`Dataset.__getitems__` seeds random transforms with it, so a
+    batch's augmentation does not depend on which worker made it or on whether the
+    session was interrupted.  Batch numbers count from the epoch's start (a pass
+    positioned at ``start`` begins at batch ``start // batch_size``).
+
+    ``precollate=True`` tells datasets that the loader's ``collate_fn`` is
+    :func:`collate`, so :meth:`Dataset.__getitems__` may hand back the batch
+    already collated (no per-sample split and re-stack); :func:`make_dataloader`
+    sets it when it uses :func:`collate`.
+    """
+
+    sampler: ResumableSampler
+
+    def __init__(
+        self, sampler: ResumableSampler, batch_size: int, drop_last: bool = False, *, precollate: bool = False
+    ):
+        if not isinstance(sampler, ResumableSampler):
+            raise TypeError(f"ResumableBatchSampler needs a ResumableSampler, got {type(sampler).__name__}")
+        super().__init__(sampler, batch_size, drop_last)
+        self.precollate = precollate
+
+    def __iter__(self) -> Iterator[list[int]]:
+        sampler, size = self.sampler, self.batch_size
+        indices, epoch, start, token = sampler._begin()
+        stop = len(indices) - (len(indices) % size if self.drop_last else 0)
+        number = start // size
+        for k in range(0, stop, size):
+            batch = indices[k : k + size]
+            sampler._handed_out(token, len(batch))
+            yield BatchIndices(batch, _mix(sampler.seed, epoch, number, 0x5EED), self.precollate)
+            number += 1
+        sampler._finish(token)
+
+
+def set_loader_position(loader: DataLoader, epoch: int, batches_done: int) -> bool:
+    """Position ``loader`` at ``epoch`` with ``batches_done`` batches already consumed.
+
+    Finds the :class:`ResumableSampler` behind the loader (``loader.sampler``, or
+    the ``sampler`` of its BatchSampler) and sets it ``batches_done * batch_size``
+    samples into ``epoch``, for the loader's next iteration.  Returns True when
+    that is exact; False when the loader has no ResumableSampler or an unknown
+    batch sampler (e.g. a plain RandomSampler): the caller must then skip
+    ``batches_done`` batches itself, knowing the order may differ.
+    """
+    if epoch < 0 or batches_done < 0:
+        raise ValueError(f"epoch and batches_done must be >= 0, got {epoch}, {batches_done}")
+    batch_sampler = loader.batch_sampler
+    if batch_sampler is None:
+        sampler, per_batch, batches = loader.sampler, 1, None
+    elif isinstance(batch_sampler, BatchSampler):
+        sampler, per_batch, batches = batch_sampler.sampler, batch_sampler.batch_size, len(batch_sampler)
+    else:
+        return False
+    if not isinstance(sampler, ResumableSampler):
+        return False
+    if batches is None:
+        batches = len(sampler)
+    if batches_done > batches:
+        raise ValueError(f"batches_done={batches_done} exceeds the {batches} batches of an epoch")
+    sampler.set_position(epoch, min(batches_done * per_batch, len(sampler)))
+    return True
+
+
+# --------------------------------------------------------------------------- providers
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderSettings:
+    """How to build a DataLoader for one dataset; any field can be overridden per request.
+
+    ``shuffle`` with ``chunk_size`` selects the chunk-aware shuffle of
+    :class:`ResumableSampler` (``chunk_size="auto"`` takes the dataset's
+    ``chunk_size``, e.g. its HDF5/Zarr chunking).  ``sampler`` replaces the
+    ResumableSampler (a Sampler, or a callable ``dataset -> Sampler``); exact
+    resume then holds only if it is a ResumableSampler.
+    """
+
+    batch_size: int = 1
+    shuffle: bool = False
+    seed: int = 0
+    chunk_size: int | str | None = None
+    window: int | None = None
+    sampler: Sampler[int] | Callable[[Any], Sampler[int]] | None = None
+    num_workers: int = 0
+    pin_memory: bool = False
+    drop_last: bool = False
+    persistent_workers: bool = False
+    prefetch_factor: int | None = None
+    multiprocessing_context: str | None = None
+    collate_fn: Callable[[Any], Any] | None = None
+    worker_init_fn: Callable[[int], None] | None = None
+    timeout: float = 0
+
+    def __post_init__(self) -> None:
+        def positive(name: str, value: Any, minimum: int) -> None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ConfigError(name, f"expected an int >= {minimum}, got {value!r}")
+
+        positive("batch_size", self.batch_size, 1)
+        positive("num_workers", self.num_workers, 0)
+        positive("seed", self.seed, 0)
+        if self.chunk_size is not None and self.chunk_size != "auto":
+            positive("chunk_size", self.chunk_size, 1)
+        if self.window is not None:
+            positive("window", self.window, 1)
+        if self.prefetch_factor is not None:
+            positive("prefetch_factor", self.prefetch_factor, 1)
+        if self.sampler is not None and self.shuffle:
+            raise ConfigError("shuffle", "cannot shuffle when a sampler is given (the sampler decides the order)")
+        if self.multiprocessing_context not in (None, "fork", "spawn", "forkserver"):
+            raise ConfigError("multiprocessing_context", f"unknown start method {self.multiprocessing_context!r}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str = "") -> LoaderSettings:
+        """Build from a dict, naming an unknown key (``where`` prefixes its path)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in names:
+                raise ConfigError(f"{where}{key}", f"unknown loader setting; known: {sorted(names)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> LoaderSettings:
+        """A copy with ``changes`` (validated like the constructor)."""
+        return dataclasses.replace(self, **changes)
+
+
+def make_dataloader(dataset: Any, settings: LoaderSettings | None = None, **overrides: Any) -> DataLoader:
+    """Build a DataLoader for ``dataset`` from ``settings`` (plus ``overrides``).
+
+    Map-style datasets get a :class:`ResumableSampler` (``shuffle``/``seed``/
+    ``chunk_size``/``window``) inside a :class:`ResumableBatchSampler`, so
+    :func:`set_loader_position` is exact.  The loader has its own
+    ``torch.Generator`` (seeded from ``seed``), so iterating it never consumes the
+    global RNG that the model's initialisation and dropout use.
+    """
+    settings = settings or LoaderSettings()
+    if overrides:
+        settings = settings.replace(**overrides)
+    common: dict[str, Any] = {
+        "num_workers": settings.num_workers,
+        "pin_memory": settings.pin_memory,
+        "collate_fn": settings.collate_fn or collate,
+        "worker_init_fn": settings.worker_init_fn,
+        "timeout": settings.timeout,
+        "generator": torch.Generator().manual_seed(_mix(settings.seed, 0x10AD)),
+    }
+    if settings.num_workers > 0:
+        common["persistent_workers"] = settings.persistent_workers
+        common["prefetch_factor"] = settings.prefetch_factor
+        common["multiprocessing_context"] = settings.multiprocessing_context
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return DataLoader(dataset, batch_size=settings.batch_size, drop_last=settings.drop_last, **common)
+    sampler = settings.sampler
+    if callable(sampler) and not isinstance(sampler, Sampler):
+        sampler = sampler(dataset)
+    if sampler is None:
+        chunk = settings.chunk_size
+        if chunk == "auto":
+            chunk = getattr(dataset, "chunk_size", None)
+        sampler = ResumableSampler(
+            len(dataset), shuffle=settings.shuffle, seed=settings.seed, chunk_size=chunk, window=settings.window
+        )
+    if isinstance(sampler, ResumableSampler):
+        batches = ResumableBatchSampler(
+            sampler, settings.batch_size, settings.drop_last, precollate=settings.collate_fn is None
+        )
+        return DataLoader(dataset, batch_sampler=batches, **common)
+    return DataLoader(dataset, batch_size=settings.batch_size, sampler=sampler, drop_last=settings.drop_last, **common)
+
+
+class DataProvider(abc.ABC):
+    """Answers a session's data requests with DataLoaders.
+
+    A request is whatever the session's state calls for: a dataset name, or a dict
+    with the stage, epoch, metrics...  Subclasses decide what it means.
+    """
+
+    @abc.abstractmethod
+    def get_dataloader(self, request: Request) -> DataLoader:
+        """Return a DataLoader answering ``request``."""
+
+
+class DatasetProvider(DataProvider):
+    """A provider over named datasets with per-dataset loader settings.
+
+    ``datasets`` maps names to any map-style torch dataset (a ptutils
+    :class:`Dataset`, a ``torchvision.datasets.ImageFolder`` subclass, ...).
+    ``loaders`` maps names to :class:`LoaderSettings` (or dicts of them);
+    ``default`` applies to names without an entry.
+
+    A request is a name, or a dict naming the dataset under ``"dataset"`` (or, if
+    absent, ``"stage"``), where keys that are LoaderSettings fields override those
+    settings for this loader (e.g. ``{"dataset": "train", "batch_size": 64}``) and
+    ``"epoch"`` sets the sampler's epoch.  Other keys (stage, metrics) are free for
+    subclasses that override :meth:`resolve`.  Each call builds a new DataLoader.
+    """
+
+    def __init__(
+        self,
+        datasets: Mapping[str, Any],
+        loaders: Mapping[str, LoaderSettings | Mapping[str, Any]] | None = None,
+        *,
+        default: LoaderSettings | Mapping[str, Any] | None = None,
+    ):
+        self.datasets = dict(datasets)
+        self.default = self._settings(default, "default.")
+        self.loaders: dict[str, LoaderSettings] = {}
+        for name, settings in (loaders or {}).items():
+            if name not in self.datasets:
+                raise ConfigError(f"loaders.{name}", f"no dataset named {name!r}; known: {sorted(self.datasets)}")
+            self.loaders[name] = self._settings(settings, f"loaders.{name}.")
+
+    @staticmethod
+    def _settings(value: LoaderSettings | Mapping[str, Any] | None, where: str) -> LoaderSettings:
+        if value is None:
+            return LoaderSettings()
+        if isinstance(value, LoaderSettings):
+            return value
+        return LoaderSettings.from_mapping(value, where)
+
+    def resolve(self, request: Request) -> tuple[str, LoaderSettings]:
+        """Turn a request into a dataset name and the settings of its loader."""
+        if isinstance(request, str):
+            name, overrides = request, {}
+        elif isinstance(request, Mapping):
+            name = request.get("dataset", request.get("stage"))
+            if not isinstance(name, str):
+                raise ConfigError("request.dataset", f"name a dataset under 'dataset' or 'stage': {dict(request)!r}")
+            fields = {f.name for f in dataclasses.fields(LoaderSettings)}
+            overrides = {k: v for k, v in request.items() if k in fields}
+        else:
+            raise ConfigError("request", f"expected a dataset name or a dict, got {type(request).__name__}")
+        if name not in self.datasets:
+            raise ConfigError("request.dataset", f"no dataset named {name!r}; known: {sorted(self.datasets)}")
+        settings = self.loaders.get(name, self.default)
+        return name, settings.replace(**overrides) if overrides else settings
+
+    def get_dataloader(self, request: Request) -> DataLoader:
+        """A new DataLoader for the dataset the request names, positioned at its epoch."""
+        name, settings = self.resolve(request)
+        loader = make_dataloader(self.datasets[name], settings)
+        if isinstance(request, Mapping) and request.get("epoch") is not None:
+            set_loader_position(loader, int(request["epoch"]), 0)
+        return loader

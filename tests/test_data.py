@@ -1,0 +1,332 @@
+"""ptutils.data: datasets over readers, providers, and exact resumable sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, default_collate
+
+from ptutils.data import (
+    ArrayReader,
+    DataIndexError,
+    DataProvider,
+    Dataset,
+    DatasetProvider,
+    LoaderSettings,
+    ResumableSampler,
+    check_index,
+    coalesce_runs,
+    make_dataloader,
+    set_loader_position,
+)
+from ptutils.errors import ConfigError, DataError
+
+
+def add_noise(image: torch.Tensor) -> torch.Tensor:
+    """A random augmentation (module level, so workers can use it)."""
+    return image.float() + torch.rand(image.shape)
+
+
+@pytest.fixture
+def toy() -> Dataset:
+    """60 records of a 2x3 float image and an int label: image[i] is filled with i."""
+    images = np.repeat(np.arange(60, dtype=np.float32), 6).reshape(60, 2, 3)
+    return Dataset(ArrayReader(images=images, labels=np.arange(60) % 7))
+
+
+def run_epoch(loader: DataLoader, limit: int | None = None) -> list[list[torch.Tensor]]:
+    """The batches of one pass over ``loader`` (the first ``limit`` only, if given)."""
+    out = []
+    for k, batch in enumerate(loader):
+        if limit is not None and k == limit:
+            break
+        out.append([t.clone() for t in batch])
+    return out
+
+
+def same(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> bool:
+    return len(a) == len(b) and all(
+        len(x) == len(y) and all(torch.equal(s, t) for s, t in zip(x, y)) for x, y in zip(a, b)
+    )
+
+
+# ----------------------------------------------------------------------------- readers and datasets
+
+
+def test_check_index_normalises_and_names_the_source() -> None:
+    assert check_index(-1, 5) == 4
+    assert check_index(slice(1, None), 5) == slice(1, 5)
+    assert check_index(np.array([0, 3]), 5).tolist() == [0, 3]
+    with pytest.raises(DataIndexError, match=r"file 'data.h5', index 5") as err:
+        check_index(5, 5, "data.h5")
+    assert isinstance(err.value, IndexError) and err.value.index == 5 and err.value.file == "data.h5"
+    with pytest.raises(DataError, match="strictly increasing"):
+        check_index(np.array([3, 1]), 5, "x")
+    with pytest.raises(DataError, match="step 1"):
+        check_index(slice(0, 4, 2), 5, "x")
+    with pytest.raises(DataError, match="index 9"):
+        check_index(np.array([1, 9]), 5, "x")
+
+
+@given(st.lists(st.integers(0, 200), unique=True), st.integers(0, 5))
+def test_coalesce_runs_cover_exactly_the_indices(values: list[int], gap: int) -> None:
+    idx = np.array(sorted(values), dtype=np.int64)
+    spans = coalesce_runs(idx, gap)
+    covered = [i for start, stop in spans for i in idx.tolist() if start <= i < stop]
+    assert covered == idx.tolist()
+    for (_, stop), (start, _) in zip(spans, spans[1:]):
+        assert start - stop > gap  # spans closer than the gap would have merged
+    for start, stop in spans:
+        inside = idx[(idx >= start) & (idx < stop)]
+        assert inside[0] == start and inside[-1] == stop - 1
+        assert np.all(np.diff(inside) <= gap + 1)
+
+
+def test_array_reader_rejects_mismatched_lengths_and_scalars() -> None:
+    with pytest.raises(DataError, match="different lengths"):
+        ArrayReader(images=np.zeros((3, 2)), labels=np.zeros(4))
+    with pytest.raises(DataError, match="scalar"):
+        ArrayReader(x=np.float32(1))
+
+
+def test_dataset_samples_are_tensors_and_python_labels(toy: Dataset) -> None:
+    image, label = toy[8]
+    assert isinstance(image, torch.Tensor) and image.shape == (2, 3) and float(image[0, 0]) == 8.0
+    assert label == 8 % 7 and isinstance(label, int)
+    assert toy[-1][1] == 59 % 7
+    assert len(list(iter(toy))) == 60  # plain iteration stops at the IndexError
+    single = Dataset(ArrayReader(x=np.arange(4)))
+    assert single[2] == 2  # one field: the value itself, not a 1-tuple
+
+
+def test_getitems_returns_the_requested_order_with_duplicates(toy: Dataset) -> None:
+    samples = toy.__getitems__([5, 1, 5, 59, 0])
+    assert [int(img[0, 0]) for img, _ in samples] == [5, 1, 5, 59, 0]
+    assert [label for _, label in samples] == [5 % 7, 1, 5 % 7, 59 % 7, 0]
+
+
+def test_transforms_apply_to_input_and_target(toy: Dataset) -> None:
+    ds = Dataset(toy.reader, transform=lambda x: x * 2, target_transform=lambda y: y + 100)
+    image, label = ds[3]
+    assert float(image[0, 0]) == 6.0 and label == 103
+    batch = ds.__getitems__([3, 4])
+    assert [lab for _, lab in batch] == [103, 104]
+
+
+def test_precollated_batches_equal_default_collate() -> None:
+    n = 23
+    rng = np.random.default_rng(0)
+    reader = ArrayReader(
+        image=rng.random((n, 2, 2), dtype=np.float32),
+        label=rng.integers(0, 9, n).astype(np.int32),
+        weight=rng.random(n, dtype=np.float32),
+        flag=rng.random(n) > 0.5,
+        vector=rng.integers(0, 5, (n, 4)).astype(np.uint8),
+    )
+    ds = Dataset(reader)
+    ours = run_epoch(make_dataloader(ds, batch_size=5))
+    plain = run_epoch(DataLoader(ds, batch_size=5, collate_fn=default_collate))
+    assert same(ours, plain)
+    assert [t.dtype for t in ours[0]] == [torch.float32, torch.int64, torch.float64, torch.bool, torch.uint8]
+
+
+# ----------------------------------------------------------------------------- ResumableSampler
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    length=st.integers(0, 300),
+    chunk=st.one_of(st.none(), st.integers(1, 40)),
+    window=st.integers(1, 4),
+    seed=st.integers(0, 2**40),
+    epoch=st.integers(0, 1000),
+    shuffle=st.booleans(),
+)
+def test_every_index_exactly_once_per_epoch(
+    length: int, chunk: int | None, window: int, seed: int, epoch: int, shuffle: bool
+) -> None:
+    sampler = ResumableSampler(length, shuffle=shuffle, seed=seed, chunk_size=chunk, window=window)
+    order = sampler.order(epoch).tolist()
+    assert sorted(order) == list(range(length))
+    assert order == ResumableSampler(length, shuffle=shuffle, seed=seed, chunk_size=chunk, window=window).order(
+        epoch
+    ).tolist()
+    start = length // 3
+    sampler.set_position(epoch, start)
+    assert list(sampler) == order[start:]
+
+
+def test_order_depends_on_seed_and_epoch_only_and_leaves_global_rng_alone() -> None:
+    state = torch.get_rng_state()
+    a = ResumableSampler(100, seed=1)
+    assert a.order(0).tolist() != a.order(1).tolist()
+    assert a.order(0).tolist() != ResumableSampler(100, seed=2).order(0).tolist()
+    assert ResumableSampler(100, shuffle=False).order(5).tolist() == list(range(100))
+    list(a)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_chunk_aware_shuffle_mixes_whole_chunks_within_windows() -> None:
+    sampler = ResumableSampler(96, seed=0, chunk_size=8, window=3)
+    order = np.array(sampler.order(0).tolist())
+    for w in range(0, 96, 24):
+        chunks = set((order[w : w + 24] // 8).tolist())
+        assert len(chunks) == 3  # each window is exactly three whole chunks
+        assert sorted(order[w : w + 24].tolist()) == sorted(i for c in chunks for i in range(c * 8, c * 8 + 8))
+    assert order.tolist() != sorted(order.tolist())
+
+
+def test_passes_advance_the_epoch_and_positions_apply_once() -> None:
+    sampler = ResumableSampler(10, seed=4)
+    first, second = list(sampler), list(sampler)
+    assert first == sampler.order(0).tolist() and second == sampler.order(1).tolist()
+    sampler.set_position(0, 7)
+    assert list(sampler) == sampler.order(0).tolist()[7:]
+    assert list(sampler) == sampler.order(1).tolist()  # the skip held for one pass only
+    sampler.set_epoch(9)
+    assert list(sampler) == sampler.order(9).tolist()
+    with pytest.raises(ValueError):
+        sampler.set_position(0, 11)
+
+
+def test_state_dict_round_trip_mid_pass() -> None:
+    sampler = ResumableSampler(20, seed=8)
+    sampler.set_epoch(3)
+    it = iter(sampler)
+    taken = [next(it) for _ in range(6)]
+    state = sampler.state_dict()
+    assert state == {"length": 20, "seed": 8, "epoch": 3, "start": 6}
+    assert all(type(v) is int for v in state.values())
+    other = ResumableSampler(20, seed=0)
+    other.load_state_dict(state)
+    assert taken + list(other) == sampler.order(3).tolist()
+    assert other.state_dict()["epoch"] == 4 and other.state_dict()["start"] == 0
+    with pytest.raises(ValueError, match="20 samples"):
+        ResumableSampler(21).load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- exact resume through loaders
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_sees_exactly_the_same_batches(toy: Dataset, workers: int) -> None:
+    augmented = Dataset(toy.reader, transform=add_noise)
+    options = LoaderSettings(batch_size=7, shuffle=True, seed=11, num_workers=workers)
+    reference = make_dataloader(augmented, options)
+    assert set_loader_position(reference, 0, 0)
+    epoch0 = run_epoch(reference)
+    assert set_loader_position(reference, 1, 0)
+    epoch1 = run_epoch(reference)
+    assert not same(epoch0, epoch1)
+
+    interrupted = make_dataloader(augmented, options)
+    set_loader_position(interrupted, 0, 0)
+    done = run_epoch(interrupted, limit=3)
+    restarted = make_dataloader(Dataset(toy.reader, transform=add_noise), options)  # as after a restart
+    assert set_loader_position(restarted, 0, len(done))
+    assert same(done + run_epoch(restarted), epoch0)
+    assert same(run_epoch(restarted), epoch1)  # the next pass is epoch 1, unprompted
+    assert set_loader_position(restarted, 1, 0)
+    assert same(run_epoch(restarted), epoch1)
+
+
+def test_resume_at_the_end_of_an_epoch_and_bad_positions(toy: Dataset) -> None:
+    loader = make_dataloader(toy, batch_size=7, shuffle=True, drop_last=True)
+    batches = len(loader)
+    assert batches == 60 // 7
+    assert set_loader_position(loader, 2, batches)
+    assert run_epoch(loader) == []
+    with pytest.raises(ValueError, match="exceeds"):
+        set_loader_position(loader, 2, batches + 1)
+    last = make_dataloader(toy, batch_size=7)  # 9 batches, the last one of 4
+    assert set_loader_position(last, 0, 8)
+    assert [len(b[1]) for b in run_epoch(last)] == [4]
+
+
+def test_loader_iteration_leaves_the_global_rng_alone(toy: Dataset) -> None:
+    loader = make_dataloader(Dataset(toy.reader, transform=add_noise), batch_size=8, shuffle=True)
+    state = torch.get_rng_state()
+    run_epoch(loader)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_set_loader_position_reports_loaders_it_cannot_position(toy: Dataset) -> None:
+    assert not set_loader_position(DataLoader(toy, batch_size=4, shuffle=True), 1, 2)
+    assert not set_loader_position(DataLoader(toy, batch_sampler=[[0, 1], [2, 3]]), 0, 1)
+    own = ResumableSampler(len(toy), seed=5)
+    plain = DataLoader(toy, batch_size=4, sampler=own)  # torch's own BatchSampler around ours
+    assert set_loader_position(plain, 2, 3)
+    assert [i for b in plain for i in b[1].tolist()] == [i % 7 for i in own.order(2).tolist()[12:]]
+    unbatched = DataLoader(toy, batch_size=None, sampler=ResumableSampler(len(toy), shuffle=False))
+    assert set_loader_position(unbatched, 0, 58)
+    assert [int(lab) for _, lab in unbatched] == [58 % 7, 59 % 7]
+
+
+# ----------------------------------------------------------------------------- providers
+
+
+def test_provider_answers_names_and_dict_requests(toy: Dataset) -> None:
+    provider = DatasetProvider(
+        {"train": toy, "test": toy},
+        {"train": {"batch_size": 8, "shuffle": True, "seed": 2}},
+        default=LoaderSettings(batch_size=16),
+    )
+    assert isinstance(provider, DataProvider)
+    test = provider.get_dataloader("test")
+    assert test.batch_sampler.batch_size == 16 and isinstance(test.batch_sampler.sampler, ResumableSampler)
+    assert [b[1].tolist() for b in test][0] == [i % 7 for i in range(16)]
+    train = provider.get_dataloader({"dataset": "train", "stage": "train", "epoch": 3, "metrics": {"loss": 1.0}})
+    assert train.batch_sampler.batch_size == 8
+    assert train.batch_sampler.sampler.state_dict()["epoch"] == 3
+    bigger = provider.get_dataloader({"stage": "train", "batch_size": 30, "drop_last": True})
+    assert [len(b[1]) for b in bigger] == [30, 30]
+
+
+def test_provider_rejects_bad_requests_and_settings(toy: Dataset) -> None:
+    provider = DatasetProvider({"train": toy})
+    with pytest.raises(ConfigError, match="no dataset named 'val'"):
+        provider.get_dataloader("val")
+    with pytest.raises(ConfigError, match="request.dataset"):
+        provider.get_dataloader({"epoch": 1})
+    with pytest.raises(ConfigError, match="loaders.train.batchsize"):
+        DatasetProvider({"train": toy}, {"train": {"batchsize": 3}})
+    with pytest.raises(ConfigError, match="loaders.nope"):
+        DatasetProvider({"train": toy}, {"nope": {}})
+    with pytest.raises(ConfigError, match="batch_size"):
+        LoaderSettings(batch_size=0)
+    with pytest.raises(ConfigError, match="shuffle"):
+        LoaderSettings(shuffle=True, sampler=SequentialSampler(range(3)))
+
+
+def test_provider_takes_custom_samplers_and_iterable_datasets(toy: Dataset) -> None:
+    class Numbers(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(10))
+
+    provider = DatasetProvider(
+        {"train": toy, "stream": Numbers()},
+        {"train": {"sampler": lambda ds: RandomSampler(ds, generator=torch.Generator().manual_seed(0))}},
+        default={"batch_size": 4},
+    )
+    loader = provider.get_dataloader("train")
+    assert isinstance(loader.sampler, RandomSampler)
+    assert not set_loader_position(loader, 0, 1)  # the caller must skip batches itself
+    assert [b.tolist() for b in provider.get_dataloader("stream")] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_subclass_can_route_requests_on_session_state(toy: Dataset) -> None:
+    class Curriculum(DatasetProvider):
+        """Small batches until the loss is low, then large ones."""
+
+        def resolve(self, request):
+            name, options = super().resolve(request)
+            if request.get("metrics", {}).get("loss", 1.0) < 0.1:
+                options = options.replace(batch_size=options.batch_size * 4)
+            return name, options
+
+    provider = Curriculum({"train": toy}, default={"batch_size": 5})
+    assert provider.get_dataloader({"dataset": "train", "metrics": {"loss": 0.5}}).batch_sampler.batch_size == 5
+    assert provider.get_dataloader({"dataset": "train", "metrics": {"loss": 0.01}}).batch_sampler.batch_size == 20
