@@ -22,10 +22,16 @@ which makes them safe across threads and processes on one machine; readers take
 no lock (they always see a complete old or new file).  Blobs are written under
 fresh or caller-chosen ids by one rename each, so they need no lock.
 
+A writer killed mid-write leaves a ``.tmp-*`` file, which readers ignore and
+the next writer of the collection removes once it is an hour old.  A corrupt
+document can still be replaced (``save``) or deleted by id, so a damaged store
+can be repaired through the API.  Files are created with mode 0o666 minus the
+umask, so a group can share a database.
+
 Ids and collection names are validated (:func:`ptutils.database.check_id`)
 immediately before any path is built from them.  Nothing is ever pickled.
-POSIX only (``fcntl``).  Case-insensitive filesystems would merge ids that
-differ only in case.
+POSIX only (``fcntl``; ``flock`` on NFS depends on the server).
+Case-insensitive filesystems would merge ids that differ only in case.
 """
 
 from __future__ import annotations
@@ -323,10 +329,18 @@ class FileSystemInterface(DBInterface):
         return True
 
     # ----------------------------------------------------------------- primitives
+    def _read_doc_for_removal(self, doc_id: str) -> dict | None:
+        """The stored document, or a stub when it is corrupt (it is being replaced or deleted)."""
+        try:
+            return self._read_doc(doc_id)
+        except CorruptionError as exc:
+            log.warning("discarding a corrupt document (its blobs, if any, are left behind): %s", exc)
+            return {"_id": doc_id, "_version": 0}
+
     def _write(self, doc_id: str, body: dict) -> dict | None:
         check_id(doc_id)
         with self._locked():
-            old = self._read_doc(doc_id)
+            old = self._read_doc_for_removal(doc_id)
             version = old["_version"] + 1 if old is not None else 1
             doc = {"_id": doc_id, "_version": version}
             doc.update((k, v) for k, v in body.items() if k not in ("_id", "_version"))
@@ -367,7 +381,7 @@ class FileSystemInterface(DBInterface):
         return removed
 
     def _remove_ids(self, ids: Sequence[str]) -> list[dict]:
-        return self._remove(lambda: self._get(ids).values())
+        return self._remove(lambda: [d for i in dict.fromkeys(ids) if (d := self._read_doc_for_removal(i))])
 
     def _remove_query(self, query: Node) -> list[dict]:
         return self._remove(lambda: [d for d in self._scan() if matches(query, d)])
