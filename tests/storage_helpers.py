@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ptutils import open_db
+from ptutils.errors import StorageError
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
@@ -148,7 +149,7 @@ def limited_write_worker(url: str, collection: str, results: Any) -> None:
             try:
                 attempt()
                 results.put(("ok", ""))
-            except Exception as exc:
+            except StorageError as exc:
                 results.put((type(exc).__name__, str(exc)))
 
 
@@ -166,6 +167,6 @@ def unprivileged_write_worker(url: str, collection: str, results: Any) -> None:
             try:
                 attempt()
                 results.put(("ok", ""))
-            except Exception as exc:
+            except StorageError as exc:
                 results.put((type(exc).__name__, str(exc)))
 
