@@ -20,7 +20,14 @@ from hypothesis import strategies as st
 
 from ptutils import open_db
 from ptutils.database import DBInterface, check_id
-from ptutils.errors import CodecError, ConflictError, InvalidIdError, NotFoundError, QueryError
+from ptutils.errors import (
+    CodecError,
+    ConflictError,
+    CorruptionError,
+    InvalidIdError,
+    NotFoundError,
+    QueryError,
+)
 from ptutils.query import get_path, matches, sort_docs
 
 from .storage_helpers import (
@@ -522,6 +529,17 @@ def test_replacing_or_updating_a_document_deletes_blobs_it_no_longer_uses(db: DB
     db.save({"_id": "d", "other": 1})
     assert not blob_exists(db, keep)
     assert stored_body(db.load_from_id("d")) == {"other": 1}
+
+
+def test_document_whose_blob_is_gone_is_reported_as_corrupt(db: DBInterface) -> None:
+    db.save({"_id": "d", "w": np.ones(BIG), "tag": "x"})
+    db.delete_blob(blob_ref(db, "d", "w"))
+    with pytest.raises(CorruptionError, match="'d'"):
+        db.load_from_id("d")
+    with pytest.raises(CorruptionError):
+        db.load({"tag": "x"})
+    assert db.load({"tag": "x"}, projection=["tag"]) == [{"_id": "d", "tag": "x"}]
+    assert db.delete("d") == 1
 
 
 def test_blob_put_get_delete(db: DBInterface) -> None:
