@@ -384,5 +384,22 @@ for _scheme_name, _target in {
     "mysql": "ptutils.backends.sql:SQLInterface",
     "mariadb": "ptutils.backends.sql:SQLInterface",
     "mongodb": "ptutils.backends.mongo:MongoInterface",
+    "replicated": "ptutils.replicated:ReplicatedInterface",
 }.items():
     register_backend(_scheme_name, _target)
+
+_LAZY = {
+    "FileSystemInterface": "ptutils.backends.filesystem",
+    "SQLInterface": "ptutils.backends.sql",
+    "MongoInterface": "ptutils.backends.mongo",
+    "ReplicatedInterface": "ptutils.replicated",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """``from ptutils.database import MongoInterface`` (as in the design notes) imports the backend on demand."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
