@@ -170,6 +170,7 @@ class CheckpointStore:
         self.session_id = session_id
         self.keep = keep
         self.on_warning = on_warning
+        self._next_seq: int | None = None
 
     def records(self) -> list[dict]:
         """Checkpoint records of this session, newest first."""
@@ -177,9 +178,14 @@ class CheckpointStore:
 
     def save(self, state: Mapping[str, Any], *, pinned: bool = False, **info: Any) -> dict:
         """Write ``state`` (blob first, then its record) and prune old unpinned checkpoints."""
-        data = serialize(state)
-        latest = self.db.load_one({"session_id": self.session_id}, sort=[("seq", -1)])
-        seq = 0 if latest is None else latest["seq"] + 1
+        return self.write(serialize(state), pinned=pinned, **info)
+
+    def write(self, data: bytes, *, pinned: bool = False, **info: Any) -> dict:
+        """Store already-serialised checkpoint bytes (see :func:`serialize`); safe from a writer thread."""
+        if self._next_seq is None:
+            latest = self.db.load_one({"session_id": self.session_id}, sort=[("seq", -1)])
+            self._next_seq = 0 if latest is None else latest["seq"] + 1
+        seq = self._next_seq
         record_id = f"{self.session_id}.ckpt{seq:08d}"
         blob_id = self.db.put_blob(data, f"{record_id}.st")
         record = {
@@ -194,6 +200,7 @@ class CheckpointStore:
             **info,
         }
         self.db.save(record)
+        self._next_seq = seq + 1
         self._prune()
         return record
 

@@ -160,8 +160,10 @@ class Model:
     def train_step(self, batch: Batch) -> torch.Tensor:
         """One optimisation step; returns the loss tensor (detached)."""
         opt = self._require_optimizer()
-        self.module.train(True)
-        batch = _to_device(batch, self.device)
+        if not self.module.training:
+            self.module.train(True)
+        if self.device.type != "cpu":
+            batch = _to_device(batch, self.device)
         opt.zero_grad(set_to_none=True)
         loss, _, _ = self.forward_loss(batch)
         loss.backward()
@@ -177,8 +179,10 @@ class Model:
     @torch.no_grad()
     def eval_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and metric values of one batch, without gradients."""
-        self.module.train(False)
-        batch = _to_device(batch, self.device)
+        if self.module.training:
+            self.module.train(False)
+        if self.device.type != "cpu":
+            batch = _to_device(batch, self.device)
         loss, outputs, targets = self.forward_loss(batch)
         values = {name: fn(outputs, targets) for name, fn in self.metrics.items()}
         return loss.detach(), values

@@ -19,15 +19,17 @@ import socket
 import time
 import traceback
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 from transitions import MachineError
 from transitions.extensions.nesting import HierarchicalMachine, NestedState
 
 from . import status as status_mod
-from .checkpoint import CheckpointStore, rng_state, seed_everything, set_rng_state
+from .checkpoint import CheckpointStore, rng_state, seed_everything, serialize, set_rng_state
 from .config import Config, build
 from .data import DataProvider, set_loader_position
 from .database import DBInterface, check_id, open_db
@@ -169,6 +171,9 @@ class Session:
         self._eval_sums: dict[str, torch.Tensor] = {}
         self._eval_count = 0
         self._loader_len: int | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+        self._hb: Future | None = None
 
         self._fsm = _Lifecycle()
         record = self._status.load()
@@ -402,6 +407,8 @@ class Session:
 
     def _write_ahead(self, trigger: str, dest: str) -> None:
         """Record a state change before it happens; an exception here cancels the change."""
+        self.drain(raise_errors=trigger != "fail")
+        self._hb = None
         state, _, stage = dest.partition(SEP)
         fields: dict[str, Any] = {"state": state, "last_trigger": trigger}
         push: dict[str, Any] = {}
@@ -469,6 +476,7 @@ class Session:
 
     def events(self, kind: str | None = None) -> list[dict]:
         """Stored events of this session (flushes pending ones first)."""
+        self.drain()
         self._status.flush()
         return self._status.load_events(kind)
 
@@ -501,14 +509,60 @@ class Session:
             "updates": [u.state_dict() if hasattr(u, "state_dict") else None for u in self.updates],
         }
 
-    def save_checkpoint(self, reason: str = "periodic", pinned: bool = False) -> dict:
-        """Write a checkpoint now (blob first, then its record)."""
-        record = self.checkpoints.save(
-            self.state_dict(), pinned=pinned, attempt=self.attempt, step=self.step, stage=self.stage,
-            stage_epoch=self.stage_epoch, batch_in_epoch=self.batch_in_epoch, reason=reason,
-        )
-        self.log_event("checkpoint", checkpoint=record["_id"], reason=reason)
+    def save_checkpoint(self, reason: str = "periodic", pinned: bool = False, *, background: bool = False) -> Any:
+        """Checkpoint now: the state is captured at once, then written (blob first, then its record).
+
+        With ``background`` the write happens on the session's writer thread and
+        a Future is returned; otherwise the record is returned once durable.
+        """
+        data = serialize(self.state_dict())
+        info = dict(pinned=pinned, attempt=self.attempt, step=self.step, stage=self.stage,
+                    stage_epoch=self.stage_epoch, batch_in_epoch=self.batch_in_epoch, reason=reason)
+        if background:
+            return self._submit(self._write_checkpoint, data, info)
+        self.drain()
+        return self._write_checkpoint(data, info)
+
+    def _write_checkpoint(self, data: bytes, info: dict[str, Any]) -> dict:
+        record = self.checkpoints.write(data, **info)
+        self.log_event("checkpoint", checkpoint=record["_id"], reason=info["reason"])
         return record
+
+    # ------------------------------------------------------------------ background writes
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Queue a write on the session's one writer thread (writes stay in order)."""
+        self._reap()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptutils-writer")
+        future = self._writer.submit(fn, *args)
+        self._pending.append(future)
+        return future
+
+    def _reap(self) -> None:
+        """Drop finished writes; a failed one raises here, in the loop, so the session fails."""
+        if not self._pending:
+            return
+        done = [f for f in self._pending if f.done()]
+        if done:
+            self._pending = [f for f in self._pending if not f.done()]
+            for future in done:
+                future.result()
+
+    def drain(self, *, raise_errors: bool = True) -> None:
+        """Wait for every queued background write; raise the first failure."""
+        pending, self._pending = self._pending, []
+        errors = []
+        for future in pending:
+            try:
+                future.result()
+            except Exception as exc:
+                errors.append(exc)
+        for exc in errors[1:]:
+            log.error("session %s: another background write failed too: %s", self.id, exc)
+        if errors:
+            if raise_errors:
+                raise errors[0]
+            log.error("session %s: background write failed: %s", self.id, errors[0])
 
     def _load_state(self, state: Mapping[str, Any], *, with_updates: bool) -> None:
         self.model.load_state_dict(state["model"])
@@ -535,6 +589,7 @@ class Session:
         Update states are kept by default, so a monitor that restores does not
         forget that it did.
         """
+        self.drain()
         found = self.checkpoints.load_latest(attempt=self.attempt)
         if found is None:
             raise CheckpointError(f"session {self.id!r} has no usable checkpoint to restore")
@@ -546,6 +601,7 @@ class Session:
     # ------------------------------------------------------------------ lifecycle helpers
     def _begin_attempt(self) -> None:
         seed_everything(self.seed)
+        # Written before the first step, so an interrupted session always has a checkpoint.
         self.save_checkpoint(reason="initial", pinned=True)
 
     def _archive_attempt(self, fields: dict[str, Any]) -> None:
@@ -590,6 +646,7 @@ class Session:
             raise TransitionError("run", self.state, "restart() it first")
         try:
             self._loop()
+            self.drain()
         except BaseException as exc:
             if self.state in ("running", "paused", "pending"):
                 try:
@@ -628,7 +685,7 @@ class Session:
 
     def _iterate(self, loader: Any) -> Any:
         """An iterator positioned at ``batch_in_epoch``; draws no global randomness mid-epoch."""
-        exact = set_loader_position(loader, self.stage_epoch, self.batch_in_epoch)
+        exact = isinstance(loader, DataLoader) and set_loader_position(loader, self.stage_epoch, self.batch_in_epoch)
         if self.batch_in_epoch and self._pending_rng is None:
             saved = torch.get_rng_state()
             it = iter(loader)
@@ -724,7 +781,7 @@ class Session:
         if self.loss is not None and not math.isfinite(float(self.loss)):
             log.warning("session %s: not checkpointing a non-finite state at step %d", self.id, self.step)
             return
-        self.save_checkpoint()
+        self.save_checkpoint(background=True)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_batch(self, batch: Any) -> torch.Tensor:
@@ -797,17 +854,31 @@ class Session:
         return min(totals) if totals else None
 
     def _heartbeat(self) -> None:
-        fields = self._progress_fields()
-        stage = self.current_stage
-        record = self._status.heartbeat(fields, self.stage_step, self.stage_total(stage))
-        if record is not None and (record.get("control") or {}).get("pause") and self.is_running:
-            self.pause(reason=(record.get("control") or {}).get("reason") or "requested")
+        """Queue a progress write; act on the record the previous one read (a pause request)."""
+        self._status.schedule()
+        previous = self._hb
+        if previous is not None:
+            if not previous.done():
+                return  # the database is slow: skip this beat rather than queue up
+            self._hb = None
+            record = previous.result()
+            control = (record or {}).get("control") or {}
+            if control.get("pause") and self.is_running:
+                self.pause(reason=control.get("reason") or "requested")
+                return
+        self._hb = self._submit(
+            self._status.heartbeat, self._progress_fields(), self.stage_step, self.stage_total(self.current_stage)
+        )
 
     def close(self) -> None:
         """Flush buffered events and close the databases this session opened from URLs."""
         try:
+            self.drain()
             self._status.flush()
         finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
             for db in self._owned:
                 db.close()
             self._owned.clear()

@@ -14,6 +14,7 @@ on the next successful heartbeat: nothing is dropped.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -65,7 +66,7 @@ class StatusWriter:
         self.interval = interval
         self._next = 0.0
         self._buffer: list[dict] = []
-        self._seq = 0
+        self._seq = itertools.count(1)
         self._rate: float | None = None
         self._last_sample: tuple[float, int] | None = None
         self.errors = 0
@@ -114,11 +115,13 @@ class StatusWriter:
         """Whether a heartbeat is due (cheap: one clock read)."""
         return time.monotonic() >= self._next
 
+    def schedule(self) -> None:
+        """Make the next heartbeat due one interval from now."""
+        self._next = time.monotonic() + self.interval
+
     def heartbeat(self, fields: Mapping[str, Any], steps_done: int, steps_total: int | None) -> dict | None:
         """Throttled progress write; returns the record (with any control requests) or None on outage."""
-        mono = time.monotonic()
-        self._next = mono + self.interval
-        eta = self._eta(mono, steps_done, steps_total)
+        eta = self._eta(time.monotonic(), steps_done, steps_total)
         try:
             record = self.write({**fields, "eta_seconds": eta})
         except StorageError as exc:
@@ -152,8 +155,8 @@ class StatusWriter:
     # ------------------------------------------------------------------ events
     def event(self, kind: str, **data: Any) -> None:
         """Buffer one event (metrics, monitor firing, restore ...) for the next write."""
-        self._seq += 1
-        self._buffer.append({"session_id": self.session_id, "kind": kind, "time": time.time(), "seq": self._seq, **data})
+        seq = next(self._seq)
+        self._buffer.append({"session_id": self.session_id, "kind": kind, "time": time.time(), "seq": seq, **data})
 
     def flush(self) -> None:
         """Write buffered events; on failure they stay buffered for the next try."""

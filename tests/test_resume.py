@@ -69,7 +69,9 @@ def test_crash_in_another_process_then_resume_is_exact(tmp_path, reference, cras
     resumed.run()
     assert resumed.state == "complete" and same_weights(weights(resumed), reference)
     restored = resumed.events("resume")[0]["restored_step"]
-    assert restored == (crash_at // 3) * 3 or restored % 5 == 0  # the last periodic or epoch checkpoint
+    # A checkpoint still being written in the background when the process died is lost;
+    # an earlier periodic (every 3 steps), epoch-end (every 5) or the initial one is used.
+    assert restored <= crash_at and (restored % 3 == 0 or restored % 5 == 0)
 
 
 def test_resume_falls_back_when_latest_checkpoint_is_corrupt(tmp_path, reference):

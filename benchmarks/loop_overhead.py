@@ -1,0 +1,212 @@
+"""What does the Session cost per step, against a hand-written PyTorch loop?
+
+The same tiny MLP (784 -> 256 -> 10, SGD, fixed seed, in-memory synthetic
+tensors, one thread) trains for the same steps as:
+
+* ``raw``:       a hand-written loop (the baseline);
+* ``session``:   a ptutils Session with status persisted to the filesystem
+                 backend and a checkpoint every 500 steps;
+* ``ignite`` / ``lightning`` when installed (``pip install ptutils[bench]``):
+  Ignite's ``create_supervised_trainer``, Lightning's ``Trainer`` with logger,
+  checkpointing and progress bar off.
+
+All read the same precomputed batches through the same DataLoader.  Variants
+are interleaved over several rounds; the table shows median time, the ratio to
+the raw loop and the added microseconds per step, and whether the final
+weights are bitwise identical to the raw loop's.
+
+    python benchmarks/loop_overhead.py            # 2,000 steps, 5 rounds, batch 128 and 1
+    python benchmarks/loop_overhead.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ptutils.data import DataProvider
+from ptutils.model import Model
+from ptutils.session import Session
+
+
+class Batches(Dataset):
+    """A dataset whose items are ready-made batches (so no variant pays for collation)."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batches[i]
+
+
+def make_batches(batch_size: int, count: int = 100) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch_size, 784, generator=g), torch.randint(0, 10, (batch_size,), generator=g)) for _ in range(count)]
+
+
+def make_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+def loader_of(batches: list) -> DataLoader:
+    return DataLoader(Batches(batches), batch_size=None, shuffle=False)
+
+
+def run_raw(init: nn.Module, batches: list, steps: int) -> tuple[float, nn.Module]:
+    model = copy.deepcopy(init)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = nn.CrossEntropyLoss()
+    loader = loader_of(batches)
+    start = time.perf_counter()
+    step = 0
+    while step < steps:
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step == steps:
+                break
+    return time.perf_counter() - start, model
+
+
+class _Provider(DataProvider):
+    def __init__(self, batches: list):
+        self.batches = batches
+
+    def get_dataloader(self, request: object) -> DataLoader:
+        return loader_of(self.batches)
+
+
+def run_session(init: nn.Module, batches: list, steps: int) -> tuple[float, nn.Module]:
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Model(copy.deepcopy(init), nn.CrossEntropyLoss(), {"cls": "torch.optim.SGD", "lr": 0.01}, device="cpu")
+        session = Session(
+            model, _Provider(batches), stages=[{"name": "train", "data": "train", "max_steps": steps}],
+            db=f"file://{tmp}", checkpoint_every_steps=500, checkpoint_every_epochs=None, name="bench",
+        )
+        start = time.perf_counter()
+        session.run()
+        elapsed = time.perf_counter() - start
+        assert session.state == "complete" and session.step == steps
+        session.close()
+        return elapsed, model.module
+
+
+def run_ignite(init: nn.Module, batches: list, steps: int) -> tuple[float, nn.Module]:
+    from ignite.engine import create_supervised_trainer
+
+    model = copy.deepcopy(init)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    trainer = create_supervised_trainer(model, opt, nn.CrossEntropyLoss())
+    loader = loader_of(batches)
+    start = time.perf_counter()
+    trainer.run(loader, max_epochs=-(-steps // len(batches)), epoch_length=min(steps, len(batches)))
+    return time.perf_counter() - start, model
+
+
+def run_lightning(init: nn.Module, batches: list, steps: int) -> tuple[float, nn.Module]:
+    import lightning as L
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = copy.deepcopy(init)
+            self.loss_fn = nn.CrossEntropyLoss()
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return self.loss_fn(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.net.parameters(), lr=0.01)
+
+    module = Module()
+    trainer = L.Trainer(
+        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", devices=1, num_sanity_val_steps=0,
+    )
+    loader = loader_of(batches)
+    start = time.perf_counter()
+    trainer.fit(module, loader)
+    return time.perf_counter() - start, module.net
+
+
+def available() -> dict[str, Callable]:
+    variants: dict[str, Callable] = {"raw": run_raw, "session": run_session}
+    try:
+        import ignite  # noqa: F401
+
+        variants["ignite"] = run_ignite
+    except ImportError:
+        pass
+    try:
+        import lightning  # noqa: F401
+
+        variants["lightning"] = run_lightning
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    except ImportError:
+        pass
+    return variants
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Session loop overhead vs a raw PyTorch loop")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1])
+    parser.add_argument("--quick", action="store_true", help="500 steps, 2 rounds")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.rounds = 500, 2
+    torch.set_num_threads(1)
+    variants = available()
+    print(f"{args.steps} steps, {args.rounds} interleaved rounds, torch {torch.__version__}, 1 thread")
+    print(f"{'batch':>5} {'variant':<10} {'median s':>9} {'x raw':>7} {'us/step':>9} {'same weights':>13}")
+    for batch_size in args.batch_sizes:
+        batches = make_batches(batch_size)
+        init = make_mlp()
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        ratios: dict[str, list[float]] = {name: [] for name in variants}
+        identical: dict[str, bool] = {}
+        for _ in range(args.rounds):
+            raw_time, raw_model = run_raw(init, batches, args.steps)
+            times["raw"].append(raw_time)
+            ratios["raw"].append(1.0)
+            for name, fn in variants.items():
+                if name == "raw":
+                    continue
+                elapsed, model = fn(init, batches, args.steps)
+                times[name].append(elapsed)
+                ratios[name].append(elapsed / raw_time)
+                identical[name] = same_weights(model, raw_model)
+        raw_median = statistics.median(times["raw"])
+        for name in variants:
+            median = statistics.median(times[name])
+            overhead = (median - raw_median) / args.steps * 1e6
+            same = "baseline" if name == "raw" else ("yes" if identical[name] else "NO")
+            print(f"{batch_size:>5} {name:<10} {median:>9.3f} {statistics.median(ratios[name]):>7.3f} {overhead:>9.1f} {same:>13}")
+
+
+if __name__ == "__main__":
+    main()
