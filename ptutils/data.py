@@ -30,7 +30,7 @@ import hashlib
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,16 +54,16 @@ __all__ = [
     "ResumableBatchSampler",
     "ResumableSampler",
     "check_index",
-    "collate",
     "coalesce_runs",
+    "collate",
     "make_dataloader",
     "set_loader_position",
 ]
 
-Request = Union[str, Mapping[str, Any]]
+Request = str | Mapping[str, Any]
 """What a session asks a provider for: a dataset name or a dict (see DatasetProvider)."""
 
-Index = Union[int, slice, np.ndarray]
+Index = int | slice | np.ndarray
 
 
 class DataIndexError(DataError, IndexError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -77,7 +79,7 @@ def test_coalesce_runs_cover_exactly_the_indices(values: list[int], gap: int) ->
     spans = coalesce_runs(idx, gap)
     covered = [i for start, stop in spans for i in idx.tolist() if start <= i < stop]
     assert covered == idx.tolist()
-    for (_, stop), (start, _) in zip(spans, spans[1:]):
+    for (_, stop), (start, _) in itertools.pairwise(spans):
         assert start - stop > gap  # spans closer than the gap would have merged
     for start, stop in spans:
         inside = idx[(idx >= start) & (idx < stop)]
@@ -151,9 +153,8 @@ def test_every_index_exactly_once_per_epoch(
     sampler = ResumableSampler(length, shuffle=shuffle, seed=seed, chunk_size=chunk, window=window)
     order = sampler.order(epoch).tolist()
     assert sorted(order) == list(range(length))
-    assert order == ResumableSampler(length, shuffle=shuffle, seed=seed, chunk_size=chunk, window=window).order(
-        epoch
-    ).tolist()
+    again = ResumableSampler(length, shuffle=shuffle, seed=seed, chunk_size=chunk, window=window)
+    assert order == again.order(epoch).tolist()
     start = length // 3
     sampler.set_position(epoch, start)
     assert list(sampler) == order[start:]
@@ -277,7 +278,7 @@ def test_provider_answers_names_and_dict_requests(toy: Dataset) -> None:
     assert isinstance(provider, DataProvider)
     test = provider.get_dataloader("test")
     assert test.batch_sampler.batch_size == 16 and isinstance(test.batch_sampler.sampler, ResumableSampler)
-    assert [b[1].tolist() for b in test][0] == [i % 7 for i in range(16)]
+    assert next(iter(test))[1].tolist() == [i % 7 for i in range(16)]
     train = provider.get_dataloader({"dataset": "train", "stage": "train", "epoch": 3, "metrics": {"loss": 1.0}})
     assert train.batch_sampler.batch_size == 8
     assert train.batch_sampler.sampler.state_dict()["epoch"] == 3
