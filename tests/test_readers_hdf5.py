@@ -1,0 +1,192 @@
+"""HDF5Reader and the ImageNet dataset: exact values, worker safety, bad files."""
+
+from __future__ import annotations
+
+import pickle
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from ptutils.data import Dataset, ImageNet, make_dataloader
+from ptutils.errors import DataError
+from ptutils.readers import HDF5Reader
+
+from .datagen import write_hdf5
+
+
+@pytest.fixture
+def h5(tmp_path):
+    """An HDF5 file of 100 NCHW images in chunks of 16, with labels."""
+    path = tmp_path / "images.h5"
+    images, labels = write_hdf5(path, 100)
+    return path, images, labels
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_reads_match_the_file_exactly(tmp_path, compression) -> None:
+    path = tmp_path / "images.h5"
+    images, labels = write_hdf5(path, 100, compression=compression)
+    reader = HDF5Reader(path)
+    assert len(reader) == 100 and reader.fields == ("images", "labels") and reader.chunk_size == 16
+    image, label = reader.read(7)
+    assert np.array_equal(image, images[7]) and label == labels[7]
+    got_images, got_labels = reader.read(slice(10, 50))
+    assert np.array_equal(got_images, images[10:50]) and np.array_equal(got_labels, labels[10:50])
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # scattered, clustered and contiguous index sets
+        idx = np.unique(rng.choice(100, rng.integers(1, 60), replace=False))
+        got_images, got_labels = reader.read(idx)
+        assert np.array_equal(got_images, images[idx]) and np.array_equal(got_labels, labels[idx])
+    empty_images, _ = reader.read(np.array([], dtype=np.int64))
+    assert empty_images.shape == (0, 3, 8, 8)
+
+
+def test_reads_unchunked_datasets_and_preloading_off(tmp_path) -> None:
+    path = tmp_path / "contiguous.h5"
+    images, labels = write_hdf5(path, 40, chunk=None)
+    reader = HDF5Reader(path, preload_bytes=0, max_gap=0)
+    idx = np.array([0, 1, 2, 9, 30, 31, 39])
+    got_images, got_labels = reader.read(idx)
+    assert np.array_equal(got_images, images[idx]) and np.array_equal(got_labels, labels[idx])
+    assert reader.chunk_size is None
+
+
+def test_dataset_batches_through_a_loader_equal_the_source(h5) -> None:
+    path, images, labels = h5
+    loader = make_dataloader(Dataset(HDF5Reader(path)), batch_size=32, shuffle=True, seed=1)
+    order = loader.batch_sampler.sampler.order(0)
+    seen_images, seen_labels = zip(*[(x, y) for x, y in loader])
+    assert torch.equal(torch.cat(seen_images), torch.from_numpy(images)[order])
+    assert torch.equal(torch.cat(seen_labels), torch.from_numpy(labels)[order])
+
+
+def test_chunk_cache_settings_reach_the_file(h5, tmp_path) -> None:
+    path, _, _ = h5
+    reader = HDF5Reader(path, rdcc_nbytes=4 << 20, rdcc_nslots=1009, rdcc_w0=0.5)
+    reader.read(0)
+    _, nslots, nbytes, w0 = reader._file.id.get_access_plist().get_cache()
+    assert (nslots, nbytes, w0) == (1009, 4 << 20, 0.5)
+    reader.close()  # HDF5 shares an open file within a process, settings included
+    plain = HDF5Reader(path)
+    plain.read(0)
+    assert plain._file.id.get_access_plist().get_cache()[2] == 0  # unfiltered: read records directly
+    packed = tmp_path / "gzip.h5"
+    write_hdf5(packed, 100, compression="gzip")
+    gz = HDF5Reader(packed, preload_bytes=0)
+    gz.read(0)
+    assert gz._file.id.get_access_plist().get_cache()[2] == 1 << 20  # a compressed chunk is decoded once
+
+
+def test_pickles_without_an_open_handle(h5) -> None:
+    path, images, _ = h5
+    reader = HDF5Reader(path)
+    reader.read(0)
+    assert reader._file is not None
+    clone = pickle.loads(pickle.dumps(reader))
+    assert clone._file is None
+    assert np.array_equal(clone.read(3)[0], images[3])
+    reader.close()
+    assert reader._file is None and np.array_equal(reader.read(4)[0], images[4])  # reopens
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_two_workers_read_correctly(h5, context) -> None:
+    path, images, labels = h5
+    dataset = Dataset(HDF5Reader(path))
+    dataset[0]  # the parent holds an open handle when the workers start
+    loader = make_dataloader(dataset, batch_size=20, num_workers=2, multiprocessing_context=context)
+    got = list(loader)
+    assert torch.equal(torch.cat([x for x, _ in got]), torch.from_numpy(images))
+    assert torch.equal(torch.cat([y for _, y in got]), torch.from_numpy(labels))
+
+
+def test_imagenet_reads_nchw_and_nhwc_as_chw(tmp_path) -> None:
+    nchw, nhwc = tmp_path / "nchw.h5", tmp_path / "nhwc.h5"
+    images, labels = write_hdf5(nchw, 20, layout="NCHW")
+    images_hwc, _ = write_hdf5(nhwc, 20, layout="NHWC")
+    a, b = ImageNet(nchw), ImageNet(nhwc)
+    assert (a.layout, b.layout) == ("NCHW", "NHWC")
+    image, label = b[5]
+    assert torch.equal(image, torch.from_numpy(images_hwc[5]).permute(2, 0, 1)) and label == labels[5]
+    batch_images, _ = next(iter(make_dataloader(b, batch_size=8)))
+    assert batch_images.shape == (8, 3, 8, 8) and batch_images.is_contiguous()
+    assert torch.equal(batch_images, torch.from_numpy(images_hwc[:8]).permute(0, 3, 1, 2))
+    assert torch.equal(next(iter(make_dataloader(a, batch_size=4)))[0], torch.from_numpy(images[:4]))
+
+
+def test_imagenet_splits_and_v2_transforms(tmp_path) -> None:
+    path = tmp_path / "imagenet.h5"
+    write_hdf5(path, 30, group="train")
+    write_hdf5(tmp_path / "other.h5", 10)
+    with h5py.File(path, "a") as f, h5py.File(tmp_path / "other.h5", "r") as g:
+        g.copy("images", f, "val/images")
+        g.copy("labels", f, "val/labels")
+    train = ImageNet(path, split="train", transform=ImageNet.train_transform(size=6))
+    val = ImageNet(path, split="val", transform=ImageNet.eval_transform(size=4, resize=6))
+    assert (len(train), len(val)) == (30, 10)
+    images, labels = next(iter(make_dataloader(train, batch_size=10, shuffle=True)))
+    assert images.shape == (10, 3, 6, 6) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert next(iter(make_dataloader(val, batch_size=10)))[0].shape == (10, 3, 4, 4)
+
+
+def test_bad_files_and_keys_name_the_file(tmp_path, h5) -> None:
+    path, _, _ = h5
+    missing = tmp_path / "missing.h5"
+    with pytest.raises(DataError, match="no such file") as err:
+        HDF5Reader(missing)
+    assert err.value.file == str(missing)
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5 at all")
+    with pytest.raises(DataError, match="cannot open as HDF5"):
+        HDF5Reader(junk)
+    with pytest.raises(DataError, match=r"no dataset 'pixels' \(datasets in the file: \['images', 'labels'\]\)"):
+        HDF5Reader(path, keys=("pixels", "labels"))
+    with h5py.File(path, "a") as f:
+        f.create_dataset("short", data=np.zeros(99))
+        f.create_dataset("scalar", data=1.0)
+        f.create_group("group")
+    with pytest.raises(DataError, match=r"different lengths: \{'images': 100, 'short': 99\}") as err:
+        HDF5Reader(path, keys=("images", "short"))
+    assert err.value.file == str(path)
+    with pytest.raises(DataError, match="scalar"):
+        HDF5Reader(path, keys="scalar")
+    with pytest.raises(DataError, match="not a dataset"):
+        HDF5Reader(path, keys="group")
+    with pytest.raises(DataError, match="index 100") as err:
+        HDF5Reader(path).read(100)
+    assert err.value.index == 100
+
+
+def test_imagenet_rejects_wrong_shapes(tmp_path) -> None:
+    path = tmp_path / "bad.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("flat", data=np.zeros((4, 64), np.uint8))
+        f.create_dataset("five", data=np.zeros((4, 5, 8, 8), np.uint8))
+        f.create_dataset("labels", data=np.zeros(4, np.int64))
+        f.create_dataset("labels2d", data=np.zeros((4, 2), np.int64))
+        f.create_dataset("images", data=np.zeros((4, 3, 8, 8), np.uint8))
+    with pytest.raises(DataError, match="must be 4-D"):
+        ImageNet(path, images_key="flat")
+    with pytest.raises(DataError, match="channel axis"):
+        ImageNet(path, images_key="five")
+    with pytest.raises(DataError, match="labels must be 1-D"):
+        ImageNet(path, labels_key="labels2d")
+    with pytest.raises(DataError, match="do not have 1 or 3 channels"):
+        ImageNet(path, layout="NHWC")
+
+
+def test_corrupt_chunk_names_the_record(tmp_path) -> None:
+    path = tmp_path / "corrupt.h5"
+    images, _ = write_hdf5(path, 64, compression="gzip")
+    with h5py.File(path, "r") as f:
+        info = f["images"].id.get_chunk_info(2)  # records 32..47
+    with open(path, "r+b") as f:
+        f.seek(info.byte_offset)
+        f.write(b"\xff" * info.size)
+    reader = HDF5Reader(path)
+    assert np.array_equal(reader.read(slice(0, 32))[0], images[:32])
+    with pytest.raises(DataError, match="index 32") as err:
+        reader.read(np.arange(20, 40))
+    assert err.value.file == str(path) and err.value.index == 32

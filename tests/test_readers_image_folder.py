@@ -1,0 +1,150 @@
+"""ImageFolderReader, corrupt images, and a torchvision ImageFolder subclass in a provider."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torchvision.transforms import v2
+
+from ptutils.data import Dataset, DatasetProvider, ImageNet, make_dataloader, set_loader_position
+from ptutils.errors import ConfigError, DataError
+from ptutils.readers import ImageFolderReader
+
+from .datagen import write_hdf5, write_image_folder
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """root/cat and root/dog with three 8x8 PNGs each."""
+    root = tmp_path / "pets"
+    return root, write_image_folder(root)
+
+
+def test_records_agree_with_torchvision_image_folder(folder) -> None:
+    root, written = folder
+    reader = ImageFolderReader(root)
+    tv = torchvision.datasets.ImageFolder(str(root))
+    assert reader.classes == tv.classes == ["cat", "dog"]
+    assert reader.samples == tv.samples
+    for i, (path, label, pixels) in enumerate(written):
+        image, got_label = reader.read(i)
+        assert image.dtype == torch.uint8 and image.shape == (3, 8, 8)
+        assert torch.equal(image, torch.from_numpy(pixels).permute(2, 0, 1))  # PNG is lossless
+        assert got_label == label
+    images, labels = reader.read(np.array([1, 4, 5]))
+    assert [torch.equal(a, reader.read(i)[0]) for a, i in zip(images, [1, 4, 5])] == [True] * 3
+    assert labels.tolist() == [0, 1, 1]
+
+
+def test_jpeg_and_read_modes(tmp_path) -> None:
+    root = tmp_path / "jpegs"
+    write_image_folder(root, per_class=2, fmt="jpg")
+    tv = torchvision.datasets.ImageFolder(str(root), transform=v2.PILToTensor())
+    rgb = ImageFolderReader(root)
+    for i in range(len(rgb)):
+        diff = (rgb.read(i)[0].int() - tv[i][0].int()).abs().max()
+        assert diff <= 2  # both decode with libjpeg; rounding may differ by a level
+    assert ImageFolderReader(root, mode="GRAY").read(0)[0].shape == (1, 8, 8)
+    with pytest.raises(ConfigError, match="mode"):
+        ImageFolderReader(root, mode="sepia")
+    with pytest.raises(ConfigError, match="on_corrupt"):
+        ImageFolderReader(root, on_corrupt="ignore")
+
+
+def test_loader_batches_with_a_resize_transform(folder) -> None:
+    root, written = folder
+    dataset = Dataset(ImageFolderReader(root), transform=v2.Resize((4, 4), antialias=True))
+    images, labels = next(iter(make_dataloader(dataset, batch_size=6, num_workers=2)))
+    assert images.shape == (6, 3, 4, 4) and labels.tolist() == [label for _, label, _ in written]
+
+
+def test_missing_and_empty_folders(tmp_path) -> None:
+    with pytest.raises(DataError, match="no such folder") as err:
+        ImageFolderReader(tmp_path / "nowhere")
+    assert err.value.file == str(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        ImageFolderReader(tmp_path / "empty")
+    (tmp_path / "empty" / "cls").mkdir()
+    (tmp_path / "empty" / "cls" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="no images"):
+        ImageFolderReader(tmp_path / "empty")
+
+
+def test_corrupt_image_raises_naming_file_and_index(folder) -> None:
+    root, written = folder
+    bad_path = written[4][0]
+    with open(bad_path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n truncated")
+    reader = ImageFolderReader(root)
+    with pytest.raises(DataError) as err:
+        reader.read(np.array([2, 3, 4, 5]))
+    assert err.value.file == bad_path and err.value.index == 4 and "cannot decode" in str(err.value)
+    with pytest.raises(DataError, match="index 4"):
+        list(make_dataloader(Dataset(reader), batch_size=3))
+
+
+def test_skip_policy_substitutes_the_next_readable_image(folder, caplog) -> None:
+    root, written = folder
+    for k in (2, 5):  # the last cat, and the last image of all (wraps around to index 0)
+        with open(written[k][0], "wb") as f:
+            f.write(b"")
+    reader = ImageFolderReader(root, on_corrupt="skip")
+    with caplog.at_level(logging.WARNING, logger="ptutils"):
+        images, labels = reader.read(np.arange(6))
+    assert len(images) == 6
+    assert torch.equal(images[2], reader.read(3)[0]) and labels[2] == written[3][1]
+    assert torch.equal(images[5], reader.read(0)[0]) and labels[5] == written[0][1]
+    warned = [r for r in caplog.records if r.name == "ptutils"]
+    assert len(warned) == 2 and written[2][0] in warned[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ptutils"):
+        again = reader.read(np.arange(6))[0]
+    assert not caplog.records  # warned once per file
+    assert all(torch.equal(a, b) for a, b in zip(images, again))
+
+
+class FinetuneImages(torchvision.datasets.ImageFolder):
+    """A user's own dataset for the notes' multistage example: torchvision's
+    ImageFolder with its root and transforms set in the subclass."""
+
+    def __init__(self, root: str):
+        super().__init__(root, transform=v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)]))
+
+
+def test_multistage_provider_with_imagenet_and_an_image_folder_subclass(tmp_path, folder) -> None:
+    root, written = folder
+    h5 = tmp_path / "imagenet.h5"
+    write_hdf5(h5, 24, group="train")
+    write_hdf5(tmp_path / "val.h5", 12, seed=1)
+    provider = DatasetProvider(
+        {
+            "train": ImageNet(h5, split="train", transform=v2.ToDtype(torch.float32, scale=True)),
+            "test": ImageNet(tmp_path / "val.h5"),
+            "finetune": FinetuneImages(str(root)),
+        },
+        {
+            "train": {"batch_size": 8, "shuffle": True},
+            "test": {"batch_size": 12},
+            "finetune": {"batch_size": 2, "shuffle": True, "seed": 7, "num_workers": 2},
+        },
+    )
+    # stage 1: train on ImageNet; the monitor then pauses and asks for the test set
+    images, _ = next(iter(provider.get_dataloader({"stage": "train", "epoch": 0})))
+    assert images.shape == (8, 3, 8, 8) and images.dtype == torch.float32
+    assert len(list(provider.get_dataloader({"stage": "test"}))) == 1
+    # stage 2: finetune on the user's raw image folder
+    finetune = provider.get_dataloader({"stage": "finetune", "epoch": 0})
+    full = [(x.clone(), y.clone()) for x, y in finetune]
+    assert len(full) == 3 and full[0][0].shape == (2, 3, 8, 8)
+    assert sorted(y for _, ys in full for y in ys.tolist()) == sorted(label for _, label, _ in written)
+    # a session interrupted after one finetune batch resumes with exactly the rest
+    resumed = provider.get_dataloader({"stage": "finetune"})
+    assert set_loader_position(resumed, 0, 1)
+    rest = list(resumed)
+    assert len(rest) == 2
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[1:], rest))
