@@ -42,6 +42,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("backend", selected_backends(metafunc.config), scope="session")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that runs on a backend of the matrix (tox's backend cells select them)."""
+    for item in items:
+        if "backend" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.backend)
+
+
 @pytest.fixture(scope="session")
 def db_url(backend: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A URL of a fresh, empty database on ``backend`` for this test run."""
