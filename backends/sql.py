@@ -13,7 +13,7 @@ version than this module knows raises :class:`SchemaVersionError`):
   JSONB on PostgreSQL and JSON text elsewhere.  ``session_id``, ``state`` and
   ``parent_id`` are generated columns (STORED on PostgreSQL, VIRTUAL on MariaDB
   and SQLite) holding the top-level field when it is a string of at most 255
-  characters, else NULL; each has an index ``(collection, <field>)``.  Equality
+  characters, else NULL; each has an index ``(collection, <field>, id)``.  Equality
   and ``$in`` on those fields use the column (exact by construction), so the
   status queries of sessions are index lookups; every other path is evaluated
   with the dialect's JSON functions.  ``fixups`` is only used on PostgreSQL: JSONB
@@ -551,7 +551,8 @@ class _MySQLField(_Field):
         as_double = self.float_value()
         exact = self.int_value()
         half = sa.cast(as_double / 2, sa.BigInteger)
-        remainder = sa.case((sa.and_(self.is_int(), sa.func.abs(exact) > _TWO_53), exact - half - half), else_=0)
+        beyond = sa.or_(exact > _TWO_53, exact < -_TWO_53)  # not abs(): abs(-2**63) overflows BIGINT
+        remainder = sa.case((sa.and_(self.is_int(), beyond), exact - half - half), else_=0)
         text = sa.collate(sa.case((self.kind.in_(("STRING", "BOOLEAN")), self.text)), self.COLLATION)
         return [rank, as_double, remainder, text]
 
@@ -701,7 +702,7 @@ class _Schema:
             **options,
         )
         for f in INDEXED_FIELDS:
-            sa.Index(f"ix_{DOCS_TABLE}_{f}", self.docs.c.collection, self.docs.c[f])
+            sa.Index(f"ix_{DOCS_TABLE}_{f}", self.docs.c.collection, self.docs.c[f], self.docs.c.id)
         self.blobs = sa.Table(
             BLOBS_TABLE,
             self.metadata,
@@ -839,11 +840,12 @@ class _Shared:
 
 
 def _sqlite_on_connect(dbapi_connection: Any, record: Any) -> None:
-    """Let SQLAlchemy's begin event emit BEGIN itself (pysqlite's implicit transactions are off)."""
+    """Let SQLAlchemy's begin event emit BEGIN itself (pysqlite's implicit transactions off); use WAL."""
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("PRAGMA journal_mode=WAL")
+        if cursor.execute("PRAGMA journal_mode").fetchone()[0] not in ("wal", "memory"):
+            cursor.execute("PRAGMA journal_mode=WAL")
     finally:
         cursor.close()
 
@@ -999,25 +1001,37 @@ class SQLInterface(DBInterface):
                     attempt += 1
             shared.ready = True
 
+    def _stored_version(self, conn: sa.Connection) -> Any:
+        """The schema_version row, or None when the tables do not exist yet."""
+        meta = self._shared.schema.meta
+        if not sa.inspect(conn).has_table(META_TABLE):
+            return None
+        return conn.execute(sa.select(meta.c.value).where(meta.c.name == "schema_version")).scalar()
+
     def _create_or_check_schema(self) -> None:
+        """Check the stored schema version; create the tables (under a lock) if there are none."""
         shared, schema = self._shared, self._shared.schema
         with shared.engine.connect() as conn:
+            if shared.style == "mysql":
+                shared.max_packet = int(conn.execute(sa.text("SELECT @@max_allowed_packet")).scalar())
+                shared.chunk = min(shared.chunk, max(64 * 1024, shared.max_packet // 3))
+            stored = self._stored_version(conn)
+            conn.rollback()
+            if stored is not None:
+                self._check_version(stored)
+                return
             conn.execution_options(ptutils_write=True)
             if shared.style == "mysql":
                 # DDL commits implicitly on MariaDB/MySQL, so a session-level named lock serialises setup.
                 conn.execute(sa.select(sa.func.get_lock("ptutils_schema", 60))).scalar()
-                shared.max_packet = int(conn.execute(sa.text("SELECT @@max_allowed_packet")).scalar())
-                shared.chunk = min(shared.chunk, max(64 * 1024, shared.max_packet // 3))
                 conn.commit()
             try:
                 with conn.begin():
                     if shared.style == "postgresql":
                         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_SCHEMA_LOCK)))
-                    if sa.inspect(conn).has_table(META_TABLE):
-                        row = conn.execute(
-                            sa.select(schema.meta.c.value).where(schema.meta.c.name == "schema_version")
-                        ).scalar()
-                        self._check_version(row)
+                    stored = self._stored_version(conn)
+                    if stored is not None:
+                        self._check_version(stored)
                         return
                     schema.metadata.create_all(conn)
                     conn.execute(sa.insert(schema.meta).values(name="schema_version", value=str(SCHEMA_VERSION)))
