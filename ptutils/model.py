@@ -213,3 +213,18 @@ class Model:
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Fraction of rows whose arg-max equals the target class."""
     return (outputs.argmax(dim=-1) == targets).float().mean()
+
+
+def cuda_free(min_free_bytes: int = 0) -> Callable[[Any], bool]:
+    """A start condition: a CUDA device with at least ``min_free_bytes`` free memory exists."""
+
+    def cuda_free(_session: Any) -> bool:
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device is available")
+        for index in range(torch.cuda.device_count()):
+            free, _total = torch.cuda.mem_get_info(index)
+            if free >= min_free_bytes:
+                return True
+        raise RuntimeError(f"no CUDA device has {min_free_bytes} bytes free")
+
+    return cuda_free

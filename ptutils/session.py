@@ -33,7 +33,7 @@ from .checkpoint import CheckpointStore, rng_state, seed_everything, serialize, 
 from .config import Config, build
 from .data import DataProvider, set_loader_position
 from .database import DBInterface, check_id, open_db
-from .errors import CheckpointError, SessionError, StorageError, TransitionError
+from .errors import BackendUnavailableError, CheckpointError, SessionError, StorageError, TransitionError
 from .model import Model
 from .stages import (
     LIFECYCLE,
@@ -110,6 +110,9 @@ class Session:
         keep_checkpoints: int = 3,
         status_interval: float = 2.0,
         start_conditions: Sequence[Callable[[Session], bool]] = (),
+        queue: str | None = None,
+        outage_pause_after: float = 60.0,
+        outage_wait: float = 300.0,
         parent: Session | None = None,
         config: Config | None = None,
         metadata: Mapping[str, Any] | None = None,
@@ -136,11 +139,18 @@ class Session:
         self.checkpoint_every_steps = checkpoint_every_steps
         self.checkpoint_every_epochs = checkpoint_every_epochs
         self.start_conditions = list(start_conditions)
+        self.queue = queue
+        self.outage_pause_after = outage_pause_after
+        self.outage_wait = outage_wait
+        self._outage_since: float | None = None
+        self._outage_error: str | None = None
 
         self._owned: list[DBInterface] = []
         self.db = self._open(db or DEFAULT_DB)
         ckpt_db = self._open(checkpoint_db) if checkpoint_db is not None else self.db
         self.id = check_id(session_id) if session_id else f"{_slug(name)}-{uuid.uuid4().hex[:10]}"
+        if len(self.id) > 80:
+            raise SessionError(f"session id {self.id!r} is longer than 80 characters")
         self._status = StatusWriter(self.db, self.id, interval=status_interval)
         self.checkpoints = CheckpointStore(
             ckpt_db, self.id, keep=keep_checkpoints, on_warning=lambda m: self.log_event("warning", message=m)
@@ -264,6 +274,8 @@ class Session:
             "outcome": None,
             "error": None,
             "blocked_by": None,
+            "queue": self.queue,
+            "queue_position": None,
             "metrics": {},
             "seed": self.seed,
             "config": self.config.to_dict() if self.config is not None else None,
@@ -387,7 +399,26 @@ class Session:
         return self._fire("restart")
 
     # ------------------------------------------------------------------ write-ahead
+    def queue_position(self) -> int | None:
+        """1 + the number of pending sessions created earlier in the same queue (None without a queue)."""
+        if self.queue is None:
+            return None
+        created = self.record["created"]
+        ahead = self._status.sessions.count({
+            "queue": self.queue,
+            "state": "pending",
+            "$or": [{"created": {"$lt": created}}, {"created": created, "_id": {"$lt": self.id}}],
+        })
+        return ahead + 1
+
     def _start_guard(self, *_: Any) -> bool:
+        position = self.queue_position()
+        if position is not None and position > 1:
+            self._status.write({
+                "blocked_by": f"waiting in queue {self.queue!r} behind {position - 1} session(s)",
+                "queue_position": position,
+            })
+            return False
         for cond in self.start_conditions:
             try:
                 ok = cond(self)
@@ -395,8 +426,17 @@ class Session:
             except Exception as exc:  # a failing guard is a blocking reason, not a crash
                 ok, reason = False, f"{type(exc).__name__}: {exc}"
             if not ok:
-                self._status.write({"blocked_by": reason})
+                self._status.write({"blocked_by": reason, "queue_position": position})
                 return False
+        return True
+
+    def wait_to_start(self, *, poll: float = 1.0, timeout: float | None = None) -> bool:
+        """Try to start every ``poll`` seconds until the guards (and the queue) let it; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.start():
+            if deadline is not None and time.monotonic() + poll > deadline:
+                return False
+            time.sleep(poll)
         return True
 
     def _write_ahead_callback(self, trigger: str, dest: str) -> Callable:
@@ -422,22 +462,42 @@ class Session:
         if stage:
             fields["stage"] = stage
         if trigger == "start":
-            fields.update(started=now, blocked_by=None, interrupted=False)
+            fields.update(started=now, blocked_by=None, queue_position=None, interrupted=False)
         if trigger == "resume":
-            fields.update(interrupted=False, pause_reason=None)
+            self.error = None
+            fields.update(interrupted=False, pause_reason=None, error=None)
         if trigger == "pause":
             reason = getattr(self, "_pause_reason", "requested")
             if self.state == "running":
-                self.save_checkpoint(reason="pause")
-            fields.update(pause_reason=reason, **{"control.pause": False})
+                self._checkpoint_with_retry()
+            fields.update(pause_reason=reason, error=self.error, **{"control.pause": False})
         if state in ("complete", "failed"):
             fields.update(finished=now, outcome=self.outcome, error=self.error)
         if trigger == "restart":
             self._archive_attempt(fields)
         fields.update(self._progress_fields())
-        self._status.write(fields, push=push or None)
+        self._write_with_retry(fields, push or None)
         self._interrupt = True
         log.info("session %s: %s -> %s", self.id, self._fsm.state, dest)
+
+    def _write_with_retry(self, fields: dict[str, Any], push: dict[str, Any] | None) -> None:
+        """A state-change write: retried with backoff while the database is unreachable.
+
+        The loop stalls rather than run ahead of its record; after
+        ``outage_wait`` seconds the BackendUnavailableError propagates.
+        """
+        deadline = time.monotonic() + self.outage_wait
+        delay = 0.2
+        while True:
+            try:
+                self._status.write(fields, push=push)
+                return
+            except BackendUnavailableError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("session %s: cannot record state change (%s); retrying in %.1fs", self.id, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     def _enter_stage(self, stage: str) -> None:
         if stage not in self.stages:
@@ -523,10 +583,49 @@ class Session:
         self.drain()
         return self._write_checkpoint(data, info)
 
+    def _checkpoint_with_retry(self) -> None:
+        """The pause checkpoint: retried like state changes while the database is unreachable."""
+        deadline = time.monotonic() + self.outage_wait
+        delay = 0.2
+        while True:
+            try:
+                self.save_checkpoint(reason="pause")
+                return
+            except BackendUnavailableError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
     def _write_checkpoint(self, data: bytes, info: dict[str, Any]) -> dict:
         record = self.checkpoints.write(data, **info)
         self.log_event("checkpoint", checkpoint=record["_id"], reason=info["reason"])
         return record
+
+    # ------------------------------------------------------------------ storage outages
+    def _storage_outage(self, exc: BaseException) -> None:
+        """Note a background write lost to an unreachable database; pause if it lasts too long."""
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+        self._outage_error = f"{type(exc).__name__}: {exc}"
+        log.warning("session %s: background write failed, database unreachable: %s", self.id, exc)
+
+    def _storage_healthy(self) -> None:
+        self._outage_since = None
+        self._outage_error = None
+
+    def _check_outage(self) -> None:
+        """Pause (recording why, once the database answers again) after a long outage."""
+        since = self._outage_since
+        if since is None and self._status.outage_since is not None:
+            since = self._status.outage_since
+            self._outage_error = self._status.last_error
+        if since is None or time.monotonic() - since < self.outage_pause_after or not self.is_running:
+            return
+        reason = f"storage outage for {time.monotonic() - since:.0f}s: {self._outage_error}"
+        log.error("session %s: pausing: %s", self.id, reason)
+        self.error = {"type": "BackendUnavailableError", "message": reason, "traceback": None}
+        self.pause(reason=reason)
 
     # ------------------------------------------------------------------ background writes
     def _submit(self, fn: Callable[..., Any], *args: Any) -> Future:
@@ -546,15 +645,25 @@ class Session:
         if done:
             self._pending = [f for f in self._pending if not f.done()]
             for future in done:
-                future.result()
+                try:
+                    future.result()
+                except BackendUnavailableError as exc:
+                    self._storage_outage(exc)
 
     def drain(self, *, raise_errors: bool = True) -> None:
-        """Wait for every queued background write; raise the first failure."""
+        """Wait for every queued background write; raise the first failure.
+
+        A write lost to an unreachable database (BackendUnavailableError) is
+        logged and counted as an outage, not raised: checkpoints are periodic
+        and heartbeats carry no history, so the run can go on.
+        """
         pending, self._pending = self._pending, []
         errors = []
         for future in pending:
             try:
                 future.result()
+            except BackendUnavailableError as exc:
+                self._storage_outage(exc)
             except Exception as exc:
                 errors.append(exc)
         for exc in errors[1:]:
@@ -648,7 +757,9 @@ class Session:
             self._loop()
             self.drain()
         except BaseException as exc:
-            if self.state in ("running", "paused", "pending"):
+            if isinstance(exc, BackendUnavailableError):
+                log.error("session %s stopped: the database stayed unreachable: %s", self.id, exc)
+            elif self.state in ("running", "paused", "pending"):
                 try:
                     self.fail(exc)
                 except StorageError as store_exc:
@@ -862,6 +973,11 @@ class Session:
                 return  # the database is slow: skip this beat rather than queue up
             self._hb = None
             record = previous.result()
+            if record is not None:
+                self._storage_healthy()
+            self._check_outage()
+            if not self.is_running:
+                return
             control = (record or {}).get("control") or {}
             if control.get("pause") and self.is_running:
                 self.pause(reason=control.get("reason") or "requested")

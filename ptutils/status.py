@@ -19,7 +19,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .database import DBInterface
@@ -67,6 +68,7 @@ class StatusWriter:
         self._next = 0.0
         self._buffer: list[dict] = []
         self._seq = itertools.count(1)
+        self._token = uuid.uuid4().hex[:8]
         self._rate: float | None = None
         self._last_sample: tuple[float, int] | None = None
         self.errors = 0
@@ -156,7 +158,10 @@ class StatusWriter:
     def event(self, kind: str, **data: Any) -> None:
         """Buffer one event (metrics, monitor firing, restore ...) for the next write."""
         seq = next(self._seq)
-        self._buffer.append({"session_id": self.session_id, "kind": kind, "time": time.time(), "seq": seq, **data})
+        event_id = f"{self.session_id}.{self._token}.{seq:08d}"  # re-saving after a lost reply replaces, never duplicates
+        self._buffer.append(
+            {"_id": event_id, "session_id": self.session_id, "kind": kind, "time": time.time(), "seq": seq, **data}
+        )
 
     def flush(self) -> None:
         """Write buffered events; on failure they stay buffered for the next try."""
@@ -170,3 +175,13 @@ class StatusWriter:
         if kind is not None:
             query["kind"] = kind
         return self.events.load(query, sort=[("time", 1), ("seq", 1)])
+
+
+def db_reachable(db: DBInterface) -> Callable[[Any], bool]:
+    """A start condition: the database answers a ping (its error becomes the blocking reason)."""
+
+    def db_reachable(_session: Any) -> bool:
+        db.ping()
+        return True
+
+    return db_reachable

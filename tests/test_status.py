@@ -1,0 +1,104 @@
+"""Status tracking as the notes list it: pending (blocking error, queue), running, complete, attempts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from ptutils import open_db
+from ptutils.model import cuda_free
+from ptutils.status import db_reachable, describe, is_stale, request_pause
+
+from .sessionkit import session
+
+
+@pytest.fixture
+def url(tmp_path):
+    return tmp_path.as_uri()
+
+
+def test_pending_session_records_what_blocks_it(url):
+    s = session(url, start_conditions=[cuda_free(1)])
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: nothing blocks this session")
+    assert s.start() is False
+    record = s.record
+    assert record["state"] == "pending"
+    assert record["blocked_by"] == "RuntimeError: no CUDA device is available"
+
+
+def test_unreachable_database_blocks_start(url, tmp_path):
+    missing = tmp_path / "not-a-dir"
+    missing.write_text("a file where a database directory should be")
+    other = open_db(missing.as_uri())
+    s = session(url, start_conditions=[db_reachable(other)])
+    assert s.start() is False
+    assert "BackendUnavailableError" in s.record["blocked_by"] and "not-a-dir" in s.record["blocked_by"]
+
+
+def test_queue_positions_and_the_queue_advancing(url):
+    sessions = [session(url, name=f"q{i}", queue="gpu0") for i in range(3)]
+    other_queue = session(url, name="elsewhere", queue="gpu1")
+    assert [s.queue_position() for s in sessions] == [1, 2, 3]
+    assert other_queue.queue_position() == 1
+    assert sessions[2].start() is False
+    record = sessions[2].record
+    assert record["queue_position"] == 3 and "behind 2 session(s)" in record["blocked_by"]
+    assert sessions[0].start() is True
+    assert sessions[0].record["queue_position"] is None and sessions[0].record["blocked_by"] is None
+    assert [s.queue_position() for s in sessions[1:]] == [1, 2]
+    assert sessions[1].start() is True and sessions[2].queue_position() == 1
+
+
+def test_wait_to_start_gives_up_after_timeout(url):
+    first = session(url, name="first", queue="q")
+    second = session(url, name="second", queue="q")
+    t0 = time.monotonic()
+    assert second.wait_to_start(poll=0.05, timeout=0.3) is False
+    assert time.monotonic() - t0 < 5
+    first.start()
+    assert second.wait_to_start(poll=0.05, timeout=5) is True and second.state == "running"
+
+
+def test_running_record_shows_stage_progress_and_eta(url):
+    seen = []
+
+    def peek(s):
+        if s.step in (4, 10):
+            s.drain()
+            seen.append(dict(s.record))
+        return s
+
+    s = session(url, status_interval=0.0, updates=[peek], stages=[{"name": "train", "data": "train", "max_epochs": 3}])
+    s.run()
+    assert seen and all(r["state"] == "running" and r["stage"] == "train" for r in seen)
+    last = seen[-1]
+    assert 0.0 < last["progress"] < 1.0 and last["step"] >= 4
+    assert last["eta_seconds"] is not None and last["eta_seconds"] >= 0
+    assert s.record["progress"] == 1.0 and s.record["outcome"] == "success"
+
+
+def test_stale_heartbeat_is_shown_as_interrupted(url):
+    s = session(url)
+    s.start()
+    record = s.record
+    assert describe(record) == "running" and not is_stale(record)
+    later = record["heartbeat"] + 3600
+    assert is_stale(record, now=later) and describe(record, now=later) == "interrupted"
+
+
+def test_request_pause_on_a_record_sets_the_control_flag(url):
+    s = session(url)
+    s.start()
+    record = request_pause(open_db(url), s.id, reason="maintenance")
+    assert record["control"]["pause"] is True and record["control"]["reason"] == "maintenance"
+
+
+def test_new_session_and_restart_are_told_apart(url):
+    s = session(url)
+    assert s.record["attempt"] == 1 and s.record["previous_attempt"] is None
+    s.run()
+    s.restart()
+    assert s.record["attempt"] == 2 and s.record["previous_attempt"].endswith(".attempt1")
