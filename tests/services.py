@@ -59,6 +59,7 @@ def free_port() -> int:
 def sql_database(backend: str, server_url: str) -> Iterator[str]:
     """A fresh database on the SQL server at ``server_url``, dropped afterwards; yields its URL."""
     import sqlalchemy as sa
+
     from ptutils.backends.sql import normalise_url
 
     base = normalise_url(server_url)

@@ -20,7 +20,12 @@ import torch
 
 from ptutils import open_db
 from ptutils.backends.mongo import MongoInterface, render_filter
-from ptutils.errors import BackendUnavailableError, InvalidIdError, QueryError, StorageError
+from ptutils.errors import (
+    BackendUnavailableError,
+    InvalidIdError,
+    QueryError,
+    StorageError,
+)
 from ptutils.query import parse_query
 
 from . import services

@@ -18,14 +18,14 @@ from typing import Self
 import numpy as np
 import pytest
 import sqlalchemy as sa
+
+from ptutils import open_db
 from ptutils.backends.sql import (
     BLOB_CHUNK,
     INDEXED_FIELDS,
     SCHEMA_VERSION,
     SQLInterface,
 )
-
-from ptutils import open_db
 from ptutils.errors import (
     BackendUnavailableError,
     CodecError,
