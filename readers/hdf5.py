@@ -9,6 +9,7 @@ worth a separate call) and each span is read straight into the output array.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,6 +22,8 @@ from ptutils.errors import DataError
 
 __all__ = ["HDF5Reader"]
 
+logger = logging.getLogger("ptutils")
+
 _MiB = 1 << 20
 
 
@@ -31,19 +34,21 @@ class HDF5Reader(DataReader):
     the reader is built, so a missing file or key, or mismatched lengths, raise
     :class:`~ptutils.errors.DataError` here rather than in a worker.
 
-    Chunk cache (per open file, so per process): by default none when the
-    datasets read from the file are stored without filters, so HDF5 reads just
-    the requested records (a cache would read a whole chunk per random access,
-    several times slower), else twice the largest compressed chunk (at least
-    1 MiB), so a chunk is decompressed once per batch.  ``rdcc_nbytes`` /
-    ``rdcc_nslots`` / ``rdcc_w0`` override it (unset ones keep h5py's defaults).
-    HDF5 shares one open file per process: a reader opening a file that is
-    already open in the process gets that first opening's cache settings.  ``max_gap`` is the largest number
-    of unwanted records read to save a call: by default one chunk for compressed
-    datasets (the whole chunk is decoded anyway) and 64 KiB worth of records
-    otherwise.  Datasets of at most ``preload_bytes`` (e.g. labels) are
-    read whole once per process and then indexed in memory.  ``file_kwargs`` go to
-    ``h5py.File`` (e.g. ``{"locking": False}`` on network file systems).
+    Chunk cache, per dataset and process: by default none for a dataset stored
+    without filters, so HDF5 reads just the requested records (a cache would read
+    a whole chunk per random access, several times slower), and twice the chunk
+    (at least 1 MiB) for a compressed one, so a chunk is decompressed once per
+    batch.  ``rdcc_nbytes`` / ``rdcc_nslots`` / ``rdcc_w0`` override that for
+    every dataset (unset ones keep the file's defaults).  HDF5 shares an open
+    dataset within a process: if the dataset is already open elsewhere in the
+    process, that opening's cache applies, and a warning says so.
+
+    ``max_gap`` is the largest number of unwanted records read to save a call: by
+    default one chunk for compressed datasets (the whole chunk is decoded anyway)
+    and 64 KiB worth of records otherwise.  Datasets of at most ``preload_bytes``
+    (e.g. labels) are read whole once per process and then indexed in memory.
+    ``file_kwargs`` go to ``h5py.File`` (e.g. ``{"locking": False}`` on network
+    file systems).
     """
 
     def __init__(
@@ -77,14 +82,15 @@ class HDF5Reader(DataReader):
         self._file: h5py.File | None = None
         self._pid: int | None = None
         self._columns: list[Any] = []
+        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ metadata
 
-    def _open(self, **cache: Any) -> h5py.File:
+    def _open(self) -> h5py.File:
         if not os.path.exists(self.path):
             raise DataError("no such file", file=self.path)
         try:
-            return h5py.File(self.path, "r", **cache, **self.file_kwargs)
+            return h5py.File(self.path, "r", **self.file_kwargs)
         except OSError as exc:
             raise DataError(f"cannot open as HDF5: {exc}", file=self.path) from exc
 
@@ -117,25 +123,41 @@ class HDF5Reader(DataReader):
         row = int(np.prod(self._shapes[key][1:])) * self._dtypes[key].itemsize
         return (64 * 1024) // max(row, 1)
 
-    def _cache_settings(self) -> dict[str, Any]:
-        """``h5py.File`` chunk-cache arguments: the given ones, else sized as documented."""
-        nbytes = self.rdcc_nbytes
-        if nbytes is None:
-            filtered = [
-                int(np.prod(self._chunks[k])) * self._dtypes[k].itemsize
-                for k in self.keys
-                if self._chunks[k] and self._filtered[k] and self._nbytes(k) > self.preload_bytes
-            ]
-            nbytes = max(_MiB, 2 * max(filtered)) if filtered else 0
-        settings: dict[str, Any] = {"rdcc_nbytes": int(nbytes)}
-        if self.rdcc_nslots is not None:
-            settings["rdcc_nslots"] = self.rdcc_nslots
-        if self.rdcc_w0 is not None:
-            settings["rdcc_w0"] = self.rdcc_w0
-        return settings
+    def _chunk_cache(self, key: str, defaults: tuple[int, int, float]) -> tuple[int, int, float]:
+        """``(nslots, nbytes, w0)`` of the chunk cache for ``key``, as documented."""
+        nslots, nbytes, w0 = defaults
+        if self.rdcc_nbytes is not None:
+            nbytes = int(self.rdcc_nbytes)
+        elif self._chunks[key] and self._filtered[key]:
+            nbytes = max(_MiB, 2 * int(np.prod(self._chunks[key])) * self._dtypes[key].itemsize)
+        else:
+            nbytes = 0
+        return (
+            nslots if self.rdcc_nslots is None else int(self.rdcc_nslots),
+            nbytes,
+            w0 if self.rdcc_w0 is None else float(self.rdcc_w0),
+        )
 
-    def _nbytes(self, key: str) -> int:
-        return int(np.prod(self._shapes[key])) * self._dtypes[key].itemsize
+    def _open_dataset(self, f: h5py.File, key: str) -> h5py.Dataset:
+        if not self._chunks[key]:  # contiguous storage has no chunk cache
+            return h5py.Dataset(h5py.h5d.open(f.id, key.encode()), readonly=True)
+        _, nslots, nbytes, w0 = f.id.get_access_plist().get_cache()
+        wanted = self._chunk_cache(key, (nslots, nbytes, w0))
+        dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+        dapl.set_chunk_cache(*wanted)
+        dset = h5py.Dataset(h5py.h5d.open(f.id, key.encode(), dapl), readonly=True)
+        got = dset.id.get_access_plist().get_chunk_cache()
+        if got[1] != wanted[1] and key not in self._warned:
+            self._warned.add(key)
+            logger.warning(
+                "%s: dataset %r is already open in this process with a %d-byte chunk cache; "
+                "HDF5Reader wanted %d bytes, so its reads may be slower",
+                self.path,
+                key,
+                got[1],
+                wanted[1],
+            )
+        return dset
 
     @property
     def source(self) -> str:
@@ -168,11 +190,14 @@ class HDF5Reader(DataReader):
             return self._columns
         self._file = None  # a handle inherited through fork is dropped, not shared
         self._columns = []
-        f = self._open(**self._cache_settings())
+        f = self._open()
         columns = []
         for key in self.keys:
-            dset = f.get(key)
-            if not isinstance(dset, h5py.Dataset) or tuple(dset.shape) != self._shapes[key]:
+            try:
+                dset = self._open_dataset(f, key)
+            except (KeyError, ValueError, OSError):
+                dset = None
+            if dset is None or tuple(dset.shape) != self._shapes[key]:
                 f.close()
                 raise DataError(f"dataset {key!r} changed since the reader was created", file=self.path)
             columns.append(self._preload(dset))
