@@ -22,6 +22,7 @@ import random
 import struct
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,11 @@ log = logging.getLogger("ptutils")
 
 FORMAT = "ptutils-checkpoint/1"
 _ST_DTYPES = {dtype: name for name, dtype in safetensors.torch._TYPES.items()}
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptutils-hash")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 _REF = "$ptutils"
 
 
@@ -187,6 +193,8 @@ class CheckpointStore:
             self._next_seq = 0 if latest is None else latest["seq"] + 1
         seq = self._next_seq
         record_id = f"{self.session_id}.ckpt{seq:08d}"
+        # hashlib releases the GIL: the checksum is computed while the backend writes.
+        digest = _HASHER.submit(_sha256, data)
         blob_id = self.db.put_blob(data, f"{record_id}.st")
         record = {
             "_id": record_id,
@@ -194,7 +202,7 @@ class CheckpointStore:
             "seq": seq,
             "blob": blob_id,
             "nbytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
+            "sha256": digest.result(),
             "created": time.time(),
             "pinned": pinned,
             **info,
@@ -218,9 +226,16 @@ class CheckpointStore:
         """Load and verify one checkpoint (CorruptionError if torn or altered)."""
         where = f"checkpoint {record['_id']!r} (blob {record['blob']!r})"
         data = self.db.get_blob(record["blob"])
-        if len(data) != record["nbytes"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
-            raise CorruptionError(where, f"checksum mismatch ({len(data)} bytes, expected {record['nbytes']})")
-        return deserialize(data, where)
+        if len(data) != record["nbytes"]:
+            raise CorruptionError(where, f"holds {len(data)} bytes, expected {record['nbytes']} (truncated?)")
+        digest = _HASHER.submit(_sha256, data)  # checked in parallel with parsing, before anything is returned
+        try:
+            state = deserialize(data, where)
+        finally:
+            matches = digest.result() == record["sha256"]
+        if not matches:
+            raise CorruptionError(where, "checksum mismatch (torn or corrupt)")
+        return state
 
     def load_latest(self, **match: Any) -> tuple[dict[str, Any], dict] | None:
         """The newest readable checkpoint (matching ``match`` fields) as ``(state, record)``, or None.
