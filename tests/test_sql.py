@@ -39,6 +39,8 @@ from . import services
 from .conftest import selected_backends
 from .query_cases import check_translation
 
+pytestmark = pytest.mark.backend
+
 SQL_BACKENDS = ("sqlite", "postgres", "mariadb")
 SERVER_URLS = {"postgres": services.POSTGRES_URL, "mariadb": services.MARIADB_URL}
 
