@@ -231,9 +231,11 @@ class CheckpointStore:
         digest = _HASHER.submit(_sha256, data)  # checked in parallel with parsing, before anything is returned
         try:
             state = deserialize(data, where)
-        finally:
-            matches = digest.result() == record["sha256"]
-        if not matches:
+        except CorruptionError as exc:
+            if digest.result() != record["sha256"]:
+                raise CorruptionError(where, "checksum mismatch (torn or corrupt)") from exc
+            raise
+        if digest.result() != record["sha256"]:
             raise CorruptionError(where, "checksum mismatch (torn or corrupt)")
         return state
 
