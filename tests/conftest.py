@@ -16,6 +16,7 @@ import pytest
 
 from ptutils import open_db
 
+from . import faults as _faults
 from . import services
 
 ALL_BACKENDS = ("fs", "sqlite", "postgres", "mariadb", "mongo")
@@ -64,3 +65,17 @@ def db(db_url: str):
         yield interface
     finally:
         interface.close()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _faults.start(session.config)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    _faults.summary(terminalreporter, config)
+
+
+@pytest.fixture
+def faults(request: pytest.FixtureRequest) -> _faults.FaultLog:
+    """Record injected faults for the reliability table printed at the end of the run."""
+    return _faults.FaultLog(_faults.faults_dir(request.config), request.node.nodeid)
