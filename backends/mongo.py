@@ -190,8 +190,45 @@ def _sort_stage_keys(path: Path) -> tuple[dict, Any]:
     return rank, "$" + _dotted(path)
 
 
-def sort_pipeline(query: dict, sort: list[tuple[Path, int]], limit: int | None, skip: int) -> list[dict]:
+def index_prefilter(node: Node) -> dict | None:
+    """A single-field filter on an indexed field implied by ``node`` (a superset of its matches), or None.
+
+    It is MongoDB's plain ``{field: value}`` / ``{field: {"$in": [...]}}``, which
+    also matches arrays holding the value, so it only narrows; the exact filter
+    follows in a second ``$match``.  Servers whose planners use an index only for
+    a lone predicate (secantus) then still answer status queries from the index.
+    """
+    clauses = node.clauses if isinstance(node, And) else (node,)
+    for clause in clauses:
+        if not isinstance(clause, Compare) or len(clause.path) != 1:
+            continue
+        field = clause.path[0]
+        if field not in ("_id", *INDEXED_FIELDS):
+            continue
+        if clause.op == "$eq" and clause.value is not None:
+            return {field: clause.value}
+        if clause.op == "$in" and clause.value and None not in clause.value:
+            return {field: {"$in": list(clause.value)}}
+    return None
+
+
+def match_stages(node: Node) -> list[dict]:
+    """``$match`` stages selecting exactly the documents ``node`` matches (index-friendly first)."""
+    pre = index_prefilter(node)
+    flt = render_filter(node)
+    return [{"$match": pre}, {"$match": flt}] if pre is not None else [{"$match": flt}]
+
+
+def find_pipeline(
+    node: Node, sort: list[tuple[Path, int]], limit: int | None, skip: int, fields: dict | None = None
+) -> list[dict]:
     """An aggregation that filters, sorts in the ptutils order (ties by _id), skips and limits."""
+    pipeline = match_stages(node)
+    if not sort:
+        pipeline.append({"$sort": {"_id": 1}})
+        pipeline += [{"$skip": skip}] if skip else []
+        pipeline += [{"$limit": limit}] if limit is not None else []
+        return pipeline + ([{"$project": fields}] if fields else [])
     keys: dict[str, Any] = {"doc": "$$ROOT"}
     order: dict[str, int] = {}
     for i, (path, direction) in enumerate(sort):
@@ -201,13 +238,11 @@ def sort_pipeline(query: dict, sort: list[tuple[Path, int]], limit: int | None, 
         order[f"k{i}"] = direction
         order[f"v{i}"] = direction
     order["doc._id"] = 1
-    pipeline: list[dict] = [{"$match": query}, {"$project": keys}, {"$sort": order}]
-    if skip:
-        pipeline.append({"$skip": skip})
-    if limit is not None:
-        pipeline.append({"$limit": limit})
+    pipeline += [{"$project": keys}, {"$sort": order}]
+    pipeline += [{"$skip": skip}] if skip else []
+    pipeline += [{"$limit": limit}] if limit is not None else []
     pipeline.append({"$replaceRoot": {"newRoot": "$doc"}})
-    return pipeline
+    return pipeline + ([{"$project": fields}] if fields else [])
 
 
 # --------------------------------------------------------------------------- URLs
@@ -440,15 +475,12 @@ class MongoInterface(DBInterface):
     def _find(
         self, query: Node, sort: list[tuple[Path, int]], limit: int | None, skip: int, projection: list[Path] | None
     ) -> list[dict]:
-        flt = render_filter(query)
+        fields = None if projection is None else {"_id": 1, **{path[0]: 1 for path in projection}}
 
         def op() -> list[dict]:
-            if sort:
-                return [_plain(d) for d in self._coll.aggregate(sort_pipeline(flt, sort, limit, skip))]
-            fields = None
-            if projection is not None:
-                fields = {"_id": 1, **{path[0]: 1 for path in projection}}
-            cursor = self._coll.find(flt, fields).sort("_id", pymongo.ASCENDING).skip(skip)
+            if sort or index_prefilter(query) is not None:
+                return [_plain(d) for d in self._coll.aggregate(find_pipeline(query, sort, limit, skip, fields))]
+            cursor = self._coll.find(render_filter(query), fields).sort("_id", pymongo.ASCENDING).skip(skip)
             if limit is not None:
                 cursor = cursor.limit(limit)
             return [_plain(d) for d in cursor]
@@ -457,18 +489,24 @@ class MongoInterface(DBInterface):
         return docs if projection is None else [project(d, projection) for d in docs]
 
     def _count(self, query: Node) -> int:
-        flt = render_filter(query)
-        return self._call(lambda: self._coll.count_documents(flt), write=False)
+        def op() -> int:
+            if index_prefilter(query) is None:
+                return self._coll.count_documents(render_filter(query))
+            counted = list(self._coll.aggregate([*match_stages(query), {"$count": "n"}]))
+            return int(counted[0]["n"]) if counted else 0
 
-    def _delete_matching(self, flt: dict) -> list[dict]:
+        return self._call(op, write=False)
+
+    def _delete_matching(self, flt: dict, pre: dict | None = None) -> list[dict]:
         """Delete every match, returning exactly the stored documents this call removed."""
+        stages = ([{"$match": pre}] if pre is not None else []) + [{"$match": flt}, {"$limit": _DELETE_BATCH}]
 
         def op() -> list[dict]:
             coll = self._coll
             removed: list[dict] = []
             stalled = 0
             while True:
-                batch = [_plain(d) for d in coll.find(flt).limit(_DELETE_BATCH)]
+                batch = [_plain(d) for d in coll.aggregate(stages)]
                 if not batch:
                     return removed
                 guard = {"$or": [{"_id": d["_id"], "_version": d.get("_version")} for d in batch]}
@@ -490,7 +528,7 @@ class MongoInterface(DBInterface):
         return self._delete_matching({"_id": {"$in": unique}}) if unique else []
 
     def _remove_query(self, query: Node) -> list[dict]:
-        return self._delete_matching(render_filter(query))
+        return self._delete_matching(render_filter(query), index_prefilter(query))
 
     def _update(
         self, doc_id: str, update: Update, expected_version: int | None, upsert: bool
