@@ -421,6 +421,8 @@ class ImageNet(Dataset):
         reader_options: Mapping[str, Any] | None = None,
     ):
         if isinstance(source, DataReader):
+            if split is not None:
+                raise ConfigError("split", "applies to HDF5 paths; a reader given as source has its fields already")
             reader = source
         else:
             from ptutils.readers.hdf5 import HDF5Reader

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ptutils.data import Dataset, ImageNet, make_dataloader
-from ptutils.errors import DataError
+from ptutils.errors import ConfigError, DataError
 from ptutils.readers import HDF5Reader
 
 from .datagen import write_hdf5
@@ -185,6 +185,10 @@ def test_imagenet_rejects_wrong_shapes(tmp_path) -> None:
         ImageNet(path, labels_key="labels2d")
     with pytest.raises(DataError, match="do not have 1 or 3 channels"):
         ImageNet(path, layout="NHWC")
+    with pytest.raises(ConfigError, match="layout"):
+        ImageNet(path, layout="CHWN")
+    with pytest.raises(ConfigError, match="split"):
+        ImageNet(HDF5Reader(path), split="train")
 
 
 def test_corrupt_chunk_names_the_record(tmp_path) -> None:
