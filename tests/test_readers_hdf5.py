@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ptutils.data import Dataset, ImageNet, make_dataloader
+from ptutils.data import Dataset, ImageNet, make_dataloader, set_loader_position
 from ptutils.errors import ConfigError, DataError
 from ptutils.readers import HDF5Reader
 
@@ -110,6 +110,20 @@ def test_two_workers_read_correctly(h5, context) -> None:
     got = list(loader)
     assert torch.equal(torch.cat([x for x, _ in got]), torch.from_numpy(images))
     assert torch.equal(torch.cat([y for _, y in got]), torch.from_numpy(labels))
+
+
+def test_resume_through_two_workers_repeats_the_epoch_exactly(h5) -> None:
+    path, _, _ = h5
+    dataset = ImageNet(path)
+    options = {"batch_size": 16, "shuffle": True, "seed": 5, "num_workers": 2}
+    reference = make_dataloader(dataset, **options)
+    set_loader_position(reference, 1, 0)
+    epoch1 = [(x.clone(), y.clone()) for x, y in reference]
+    resumed = make_dataloader(ImageNet(path), **options)
+    assert set_loader_position(resumed, 1, 3)
+    rest = list(resumed)
+    assert len(rest) == len(epoch1) - 3
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(epoch1[3:], rest))
 
 
 def test_imagenet_reads_nchw_and_nhwc_as_chw(tmp_path) -> None:
