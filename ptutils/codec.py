@@ -146,15 +146,24 @@ def _encode_tensor(t: torch.Tensor, put_blob: PutBlob | None, threshold: int, pa
     return out
 
 
+_PLAIN = (str, int, float, bool, type(None))
+"""Types decode() returns unchanged (checked by exact type: the common case, without ABC checks)."""
+
+
 def decode(value: Any, *, get_blob: GetBlob | None = None, _path: str = "") -> Any:
     """Rebuild the original value from its portable form, fetching blobs with ``get_blob``."""
+    if type(value) in _PLAIN:
+        return value
     if isinstance(value, list):
         return [decode(v, get_blob=get_blob, _path=f"{_path}[{i}]") for i, v in enumerate(value)]
     if not isinstance(value, Mapping):
         return value
     kind = value.get(TAG)
     if kind is None:
-        return {k: decode(v, get_blob=get_blob, _path=_key_path(_path, k)) for k, v in value.items()}
+        return {
+            k: v if type(v) in _PLAIN else decode(v, get_blob=get_blob, _path=_key_path(_path, k))
+            for k, v in value.items()
+        }
     try:
         return _decode_tagged(kind, value, get_blob, _path)
     except StorageError:  # CodecError, CorruptionError, and get_blob's NotFoundError or disk errors
