@@ -75,6 +75,7 @@ from ptutils.errors import (
 )
 from ptutils.query import (
     And,
+    Compare,
     Exists,
     Node,
     Or,
@@ -621,6 +622,7 @@ class _Renderer:
         return sa.or_(sa.false(), *clauses)
 
     def indexed_column(self, path: Path, value: str) -> Any:
+        """The generated column answering ``path == value`` exactly, if there is one."""
         if len(path) == 1 and path[0] in INDEXED_FIELDS and len(value) <= INDEXED_MAX_CHARS:
             return self.docs.c[path[0]]
         return None
@@ -722,15 +724,51 @@ class _Schema:
             **options,
         )
         self.renderer = _Renderer(self)
+        self._lookups: dict[tuple, sa.Select] = {}
+        self._prepare_statements()
+
+    def _prepare_statements(self) -> None:
+        """Statements of the by-id operations, built once (values are bound at execution)."""
+        docs = self.docs
+        collection, doc_id = sa.bindparam("c_", type_=sa.Text), sa.bindparam("i_", type_=sa.Text)
+        body: Any = sa.bindparam("b_", type_=sa.Text)
+        if self.style == "postgresql":
+            body = sa.cast(body, pg_types.JSONB)
+        self.columns = [docs.c.id, docs.c.version, self.body_column(), docs.c.fixups]
+        key = sa.and_(docs.c.collection == collection, docs.c.id == doc_id)
+        self.select_row = sa.select(*self.columns).where(key)
+        if self.style != "sqlite":
+            self.select_row = self.select_row.with_for_update()
+        self.select_ids = sa.select(*self.columns).where(
+            docs.c.collection == collection, docs.c.id.in_(sa.bindparam("ids_", expanding=True))
+        )
+        values = {"version": sa.bindparam("v_", type_=sa.BigInteger), "body": body, "fixups": sa.bindparam("f_")}
+        self.update_row = sa.update(docs).where(key).values(**values)
+        values.update(collection=collection, id=doc_id)
+        if self.style in ("postgresql", "sqlite"):
+            insert = pg_insert if self.style == "postgresql" else sqlite_insert
+            self.insert_row = (
+                insert(docs).values(**values).on_conflict_do_nothing(index_elements=["collection", "id"])
+            ).returning(docs.c.version)
+        else:
+            self.insert_row = sa.insert(docs).values(**values)
+
+    def lookup_statement(self, fields: tuple[str, ...], count: bool) -> sa.Select:
+        """SELECT (or COUNT) of a collection's documents whose indexed ``fields`` equal bound ``q<k>_`` values."""
+        key = (fields, count)
+        stmt = self._lookups.get(key)
+        if stmt is None:
+            where = [self.docs.c.collection == sa.bindparam("c_", type_=sa.Text)]
+            where += [self.docs.c[f] == sa.bindparam(f"q{k}_", type_=sa.Text) for k, f in enumerate(fields)]
+            if count:
+                stmt = sa.select(sa.func.count()).select_from(self.docs).where(*where)
+            else:
+                stmt = sa.select(*self.columns).where(*where).order_by(self.docs.c.id)
+            self._lookups[key] = stmt
+        return stmt
 
     def text_param(self, value: str) -> Any:
         return sa.literal(_pg_text(value) if self.style == "postgresql" else value, sa.Text)
-
-    def body_value(self, text: str) -> Any:
-        """The bound value for the body column (JSONB on PostgreSQL is cast from text)."""
-        if self.style == "postgresql":
-            return sa.cast(sa.literal(text, sa.Text), pg_types.JSONB)
-        return text
 
     def body_column(self) -> Any:
         """The body column as selected: JSON text on every dialect."""
@@ -814,7 +852,7 @@ class _Shared:
         self.engine = self._create_engine(engine_options)
 
     def _create_engine(self, engine_options: dict) -> sa.Engine:
-        options: dict[str, Any] = {"pool_pre_ping": True}
+        options: dict[str, Any] = {"pool_pre_ping": self.style != "sqlite"}  # a file has no connection to lose
         connect_args: dict[str, Any] = {}
         if self.style == "sqlite":
             database = self.url.database or ""
@@ -1063,8 +1101,7 @@ class SQLInterface(DBInterface):
         return self._shared.schema.docs.c.collection == self.collection_name
 
     def _columns(self) -> list[Any]:
-        docs = self._shared.schema.docs
-        return [docs.c.id, docs.c.version, self._shared.schema.body_column(), docs.c.fixups]
+        return self._shared.schema.columns
 
     def _row_doc(self, row: Sequence[Any]) -> dict:
         doc: dict[str, Any] = {"_id": row[0], "_version": int(row[1])}
@@ -1072,6 +1109,7 @@ class SQLInterface(DBInterface):
         return doc
 
     def _body_values(self, body: dict) -> dict[str, Any]:
+        """Bound values of a stored body: ``b_`` (JSON text) and ``f_`` (PostgreSQL fixups)."""
         shared = self._shared
         clean = {k: v for k, v in body.items() if k not in ("_id", "_version")}
         text, fixups = _dump_body(clean, shared.style)
@@ -1084,26 +1122,19 @@ class SQLInterface(DBInterface):
                     f"{self._where()}: the document needs {size} bytes in one statement, over MariaDB's "
                     f"max_allowed_packet of {shared.max_packet}; store large values as arrays/bytes (blobs)"
                 )
-        return {"body": shared.schema.body_value(text), "fixups": fixups}
+        return {"b_": text, "f_": fixups}
 
     def _locked_row(self, conn: sa.Connection, doc_id: str) -> Any:
-        docs = self._shared.schema.docs
-        query = sa.select(*self._columns()).where(self._key(), docs.c.id == doc_id)
-        if self._shared.style != "sqlite":
-            query = query.with_for_update()
-        return conn.execute(query).first()
+        return conn.execute(self._shared.schema.select_row, {"c_": self.collection_name, "i_": doc_id}).first()
 
     def _insert_new(self, conn: sa.Connection, doc_id: str, values: dict) -> bool:
         """Insert version 1 of ``doc_id``; False if it already exists (nothing written)."""
         shared = self._shared
-        docs = shared.schema.docs
-        row = {"collection": self.collection_name, "id": doc_id, "version": 1, **values}
+        params = {"c_": self.collection_name, "i_": doc_id, "v_": 1, **values}
         if shared.style in ("postgresql", "sqlite"):
-            insert = pg_insert if shared.style == "postgresql" else sqlite_insert
-            stmt = insert(docs).values(**row).on_conflict_do_nothing(index_elements=["collection", "id"])
-            return conn.execute(stmt.returning(docs.c.version)).first() is not None
+            return conn.execute(shared.schema.insert_row, params).first() is not None
         try:
-            conn.execute(sa.insert(docs).values(**row))
+            conn.execute(shared.schema.insert_row, params)
         except sa.exc.IntegrityError as exc:
             if _error_code(exc) == 1062:
                 return False
@@ -1111,8 +1142,8 @@ class SQLInterface(DBInterface):
         return True
 
     def _replace(self, conn: sa.Connection, doc_id: str, version: int, values: dict) -> None:
-        docs = self._shared.schema.docs
-        conn.execute(sa.update(docs).where(self._key(), docs.c.id == doc_id).values(version=version, **values))
+        params = {"c_": self.collection_name, "i_": doc_id, "v_": version, **values}
+        conn.execute(self._shared.schema.update_row, params)
 
     # ----------------------------------------------------------------- primitives
     def _write(self, doc_id: str, body: dict) -> dict | None:
@@ -1131,17 +1162,16 @@ class SQLInterface(DBInterface):
         return self._run(op, write=True)
 
     def _get(self, ids: Sequence[str]) -> dict[str, dict]:
-        docs = self._shared.schema.docs
         unique = list(dict.fromkeys(ids))
         if not unique:
             return {}
+        stmt = self._shared.schema.select_ids
 
         def op(conn: sa.Connection) -> dict[str, dict]:
             found: dict[str, dict] = {}
             for start in range(0, len(unique), _IN_BATCH):
-                batch = unique[start : start + _IN_BATCH]
-                rows = conn.execute(sa.select(*self._columns()).where(self._key(), docs.c.id.in_(batch)))
-                for row in rows:
+                params = {"c_": self.collection_name, "ids_": unique[start : start + _IN_BATCH]}
+                for row in conn.execute(stmt, params):
                     found[row[0]] = self._row_doc(row)
             return found
 
@@ -1160,21 +1190,49 @@ class SQLInterface(DBInterface):
             stmt = stmt.offset(skip)
         return stmt
 
+    def _status_lookup(self, query: Node) -> tuple[tuple[str, ...], dict[str, str]] | None:
+        """For equality on indexed fields only (the status queries of sessions): the fields and bound values."""
+        clauses = query.clauses if isinstance(query, And) else (query,)
+        if not clauses:
+            return None
+        fields, params = [], {}
+        for k, clause in enumerate(clauses):
+            if not (
+                isinstance(clause, Compare)
+                and clause.op == "$eq"
+                and isinstance(clause.value, str)
+                and self._shared.schema.renderer.indexed_column(clause.path, clause.value) is not None
+            ):
+                return None
+            fields.append(clause.path[0])
+            params[f"q{k}_"] = _pg_text(clause.value) if self._shared.style == "postgresql" else clause.value
+        return tuple(fields), params
+
     def _find(
         self, query: Node, sort: list[tuple[Path, int]], limit: int | None, skip: int, projection: list[Path] | None
     ) -> list[dict]:
-        stmt = self.find_statement(query, sort, limit, skip)
+        lookup = None if sort or limit is not None or skip else self._status_lookup(query)
+        if lookup is not None:
+            stmt, params = self._shared.schema.lookup_statement(lookup[0], count=False), lookup[1]
+            params["c_"] = self.collection_name
+        else:
+            stmt, params = self.find_statement(query, sort, limit, skip), {}
 
         def op(conn: sa.Connection) -> list[dict]:
-            return [self._row_doc(row) for row in conn.execute(stmt)]
+            return [self._row_doc(row) for row in conn.execute(stmt, params)]
 
         docs = self._run(op, write=False)
         return docs if projection is None else [project(d, projection) for d in docs]
 
     def _count(self, query: Node) -> int:
         schema = self._shared.schema
-        stmt = sa.select(sa.func.count()).select_from(schema.docs).where(self._key(), schema.renderer.render(query))
-        return int(self._run(lambda conn: conn.execute(stmt).scalar_one(), write=False))
+        lookup = self._status_lookup(query)
+        if lookup is not None:
+            stmt, params = schema.lookup_statement(lookup[0], count=True), {**lookup[1], "c_": self.collection_name}
+        else:
+            where = sa.and_(self._key(), schema.renderer.render(query))
+            stmt, params = sa.select(sa.func.count()).select_from(schema.docs).where(where), {}
+        return int(self._run(lambda conn: conn.execute(stmt, params).scalar_one(), write=False))
 
     def _delete_returning(self, where: sa.ColumnElement[bool]) -> list[dict]:
         docs = self._shared.schema.docs
