@@ -38,6 +38,7 @@ top-level fields and are finished in Python with :func:`ptutils.query.project`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -75,7 +76,7 @@ from ptutils.query import (
 log = logging.getLogger("ptutils")
 
 INDEXED_FIELDS = ("session_id", "state", "parent_id")
-GRIDFS_CHUNK = 4 * 1024 * 1024 - 1024
+GRIDFS_CHUNK = 1024 * 1024
 """GridFS chunk size: large chunks mean fewer round trips for checkpoints (each chunk is one BSON document)."""
 DB_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,63}")
 DEFAULT_TIMEOUT_MS = 10_000
@@ -367,11 +368,11 @@ class MongoInterface(DBInterface):
         """The pymongo client (shared with sibling collections)."""
         return self._shared.client
 
-    @property
+    @functools.cached_property
     def _coll(self) -> pymongo.collection.Collection:
         return self._shared.client[self.db_name][self.collection_name]
 
-    @property
+    @functools.cached_property
     def _bucket(self) -> gridfs.GridFSBucket:
         return gridfs.GridFSBucket(
             self._shared.client[self.db_name],
@@ -379,7 +380,7 @@ class MongoInterface(DBInterface):
             chunk_size_bytes=GRIDFS_CHUNK,
         )
 
-    @property
+    @functools.cached_property
     def _files(self) -> pymongo.collection.Collection:
         return self._shared.client[self.db_name][f"{self.collection_name}.blobs.files"]
 
