@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
 import time
 import traceback
 import uuid
@@ -44,7 +42,6 @@ from .stages import (
     machine_states,
     machine_transitions,
     parse_transitions,
-    state_name,
 )
 from .status import StatusWriter
 from .update import Update
@@ -71,16 +68,6 @@ class _Lifecycle:
 def _slug(name: str) -> str:
     keep = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40].strip("-_.")
     return keep or "session"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Session:
@@ -296,9 +283,7 @@ class Session:
         self.error = record.get("error")
         state = record.get("state")
         if state == "running":
-            same_host = record.get("host") == socket.gethostname()
-            dead = same_host and isinstance(record.get("pid"), int) and not _pid_alive(record["pid"])
-            if not (dead or status_mod.is_stale(record)):
+            if not status_mod.is_stale(record):
                 raise SessionError(
                     f"session {self.id!r} is running in process {record.get('pid')} on {record.get('host')} "
                     f"(heartbeat {time.time() - float(record.get('heartbeat') or 0):.1f}s ago)"
@@ -360,10 +345,7 @@ class Session:
 
     def start(self) -> bool:
         """pending -> running (first stage); False, with the blocking reason recorded, if a guard refuses."""
-        started = self._fire("start")
-        if started:
-            self._begin_attempt()
-        return started
+        return self._fire("start")
 
     def pause(self, reason: str = "requested") -> bool:
         """running -> paused; the loop checkpoints and returns at the next step boundary."""
@@ -462,6 +444,7 @@ class Session:
         if stage:
             fields["stage"] = stage
         if trigger == "start":
+            self._begin_attempt()
             fields.update(started=now, blocked_by=None, queue_position=None, interrupted=False)
         if trigger == "resume":
             self.error = None
@@ -709,8 +692,12 @@ class Session:
 
     # ------------------------------------------------------------------ lifecycle helpers
     def _begin_attempt(self) -> None:
+        """Seed, then checkpoint the initial state *before* the record says running.
+
+        So a record that says running (or paused) always has a checkpoint to
+        resume from, and a crash before it leaves an honest ``pending``.
+        """
         seed_everything(self.seed)
-        # Written before the first step, so an interrupted session always has a checkpoint.
         self.save_checkpoint(reason="initial", pinned=True)
 
     def _archive_attempt(self, fields: dict[str, Any]) -> None:

@@ -37,10 +37,24 @@ def stale_after(interval: float) -> float:
     return max(10.0, 5.0 * interval)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def is_stale(record: Mapping[str, Any], now: float | None = None) -> bool:
-    """Whether a ``running`` record's heartbeat has stopped (its process died)."""
+    """Whether a ``running`` record's process is gone: dead pid on this host, or a stopped heartbeat."""
     if record.get("state") != "running":
         return False
+    pid = record.get("pid")
+    if record.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() and not pid_alive(pid):
+        return True
     now = time.time() if now is None else now
     return now - float(record.get("heartbeat") or 0.0) > stale_after(float(record.get("status_interval", 2.0)))
 

@@ -67,8 +67,8 @@ def db(db_url: str):
         interface.close()
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    _faults.start(session.config)
+def pytest_configure(config: pytest.Config) -> None:
+    _faults.configure(config)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:

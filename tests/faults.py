@@ -2,13 +2,14 @@
 
 Tests take the ``faults`` fixture and call ``faults.record(category, injected=…,
 survived=…, lost=…)``.  Records are written as one JSON file per test under
-``.pytest-faults/`` (so pytest-xdist workers can report too) and the
+``.pytest-faults/`` (so pytest-xdist workers can report too; each run has its own directory) and the
 controller prints one table at the end of the run: faults injected, survived,
 records lost (lost must be 0).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,8 +20,12 @@ from pathlib import Path
 import pytest
 
 
+ENV = "PTUTILS_FAULTS_DIR"
+
+
 def faults_dir(config: pytest.Config) -> Path:
-    return Path(config.rootpath) / ".pytest-faults"
+    """This run's directory (set by the controller, inherited by xdist workers)."""
+    return Path(os.environ[ENV])
 
 
 class FaultLog:
@@ -37,9 +42,10 @@ class FaultLog:
         (self.directory / f"{uuid.uuid4().hex}.json").write_text(json.dumps(row))
 
 
-def start(config: pytest.Config) -> None:
+def configure(config: pytest.Config) -> None:
+    """In the controller, before workers start: a fresh directory of this run's own."""
     if not hasattr(config, "workerinput"):
-        shutil.rmtree(faults_dir(config), ignore_errors=True)
+        os.environ[ENV] = str(Path(config.rootpath) / ".pytest-faults" / uuid.uuid4().hex)
 
 
 def summary(terminalreporter, config: pytest.Config) -> None:
@@ -66,3 +72,5 @@ def summary(terminalreporter, config: pytest.Config) -> None:
     tr.write_line(f"{'total':<44} {all_t[0]:>5} {all_t[1]:>9} {all_t[2]:>9} {all_t[3]:>5}")
     if os.environ.get("PTUTILS_KEEP_FAULTS") != "1":
         shutil.rmtree(directory, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            directory.parent.rmdir()

@@ -1,0 +1,108 @@
+"""A training session run in a child process, with faults injected on request.
+
+    python -m tests.crashkit URL SESSION_ID [--kill-at-step K] [--kill-in-checkpoint-write N]
+                                            [--kill-in-status-write N] [--step-sleep S]
+                                            [--disk-full-at-step K DIR] [--drop-root-at-step K]
+
+``--kill-*`` end the process with SIGKILL at that exact point: at step K (a
+background write may be in flight), half-way through writing the Nth
+checkpoint blob, or half-way through writing the Nth status record.  The run
+is the one ``reference()`` builds, so a test can compare final weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+STEPS_PER_EPOCH = 5
+EPOCHS = 4
+
+
+def build(url: str, session_id: str | None = None, updates: list | None = None, **kwargs: Any):
+    """The session every reliability run trains (20 steps, dropout, a checkpoint every 3 steps)."""
+    from tests.sessionkit import session
+
+    kwargs.setdefault("stages", [{"name": "train", "data": "train", "max_epochs": EPOCHS}])
+    kwargs.setdefault("checkpoint_every_steps", 3)
+    kwargs.setdefault("status_interval", 0.0)
+    return session(url, session_id=session_id, dropout=0.3, updates=updates or [], **kwargs)
+
+
+def _kill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill_inside_fs_write(nth: int, is_target) -> None:
+    """Patch the filesystem backend so the nth matching file write dies half-way through."""
+    from ptutils.backends import filesystem
+
+    original = filesystem._write_all
+    seen = {"count": 0}
+
+    def write_all(fd: int, data: bytes) -> None:
+        if is_target(data):
+            seen["count"] += 1
+            if seen["count"] == nth:
+                original(fd, data[: len(data) // 2])
+                _kill()
+        original(fd, data)
+
+    filesystem._write_all = write_all
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("url")
+    parser.add_argument("session_id")
+    parser.add_argument("--kill-at-step", type=int)
+    parser.add_argument("--kill-in-checkpoint-write", type=int)
+    parser.add_argument("--kill-in-status-write", type=int)
+    parser.add_argument("--step-sleep", type=float, default=0.0)
+    parser.add_argument("--disk-full-at-step", nargs=2, metavar=("K", "DIR"))
+    parser.add_argument("--leave-free", type=int, default=0, help="bytes left free by --disk-full-at-step")
+    parser.add_argument("--drop-root-at-step", type=int)
+    args = parser.parse_args(argv)
+
+    if args.kill_in_checkpoint_write:
+        _kill_inside_fs_write(args.kill_in_checkpoint_write, lambda data: data[:8] != b"ptutils-" and len(data) > 4096
+                              and b'"format":"ptutils-checkpoint/1"' in data[:4096])
+    if args.kill_in_status_write:
+        _kill_inside_fs_write(args.kill_in_status_write, lambda data: b'"kind":"session"' in data)
+
+    def faults(session):
+        if args.step_sleep:
+            time.sleep(args.step_sleep)
+        if session.event != "step":
+            return session
+        if args.kill_at_step is not None and session.step == args.kill_at_step:
+            _kill()
+        if args.disk_full_at_step and session.step == int(args.disk_full_at_step[0]):
+            filler = os.path.join(args.disk_full_at_step[1], "filler")
+            with open(filler, "wb", buffering=0) as fh:  # take every free byte of the small file system
+                try:
+                    while True:
+                        fh.write(b"\0" * 4096)
+                except OSError:
+                    pass
+                if args.leave_free:
+                    fh.truncate(max(0, fh.tell() - args.leave_free))
+        if args.drop_root_at_step is not None and session.step == args.drop_root_at_step:
+            os.setgid(65534)
+            os.setuid(65534)
+        return session
+
+    session = build(args.url, args.session_id, updates=[faults])
+    try:
+        session.run()
+    finally:
+        print(f"state={session.state} step={session.step}", flush=True)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
