@@ -159,6 +159,7 @@ class RawSQL:
     def insert_bulk(self, docs: list[tuple[str, dict]]) -> None:
         with self.engine.begin() as conn:
             conn.execute(sa.insert(self.docs), [self.row(k, d) for k, d in docs])
+            conn.execute(sa.text(f"ANALYZE{' TABLE' if self.dialect in ('mysql', 'mariadb') else ''} {self.docs.name}"))
 
     def query(self, session_id: str) -> list[dict]:
         with self.engine.connect() as conn:
@@ -307,6 +308,8 @@ def preload(db: DBInterface, docs: list[tuple[str, dict]]) -> None:
             conn.execute(stmt, rows)
         if db.dialect in ("postgresql", "sqlite"):
             conn.execute(sa.text("ANALYZE"))
+        else:
+            conn.execute(sa.text(f"ANALYZE TABLE {table.name}"))
 
 
 # ----------------------------------------------------------------------------- measurements
