@@ -160,6 +160,7 @@ class Session:
 
         self._interrupt = False
         self._pause_reason = "requested"
+        self._last_checkpoint: tuple | None = None
         self._loader: Any = None
         self._loader_key: Any = None
         self._data_override: Any = None
@@ -454,6 +455,8 @@ class Session:
             if self.state == "running":
                 self._checkpoint_with_retry()
             fields.update(pause_reason=reason, error=self.error, **{"control.pause": False})
+        if state == "complete" and self.state == "running" and self._last_checkpoint != self._position():
+            self.save_checkpoint(reason="final", pinned=True)  # the trained weights outlive the process
         if state in ("complete", "failed"):
             fields.update(finished=now, outcome=self.outcome, error=self.error)
         if trigger == "restart":
@@ -559,12 +562,16 @@ class Session:
         a Future is returned; otherwise the record is returned once durable.
         """
         data = serialize(self.state_dict())
+        self._last_checkpoint = self._position()
         info = dict(pinned=pinned, attempt=self.attempt, step=self.step, stage=self.stage,
                     stage_epoch=self.stage_epoch, batch_in_epoch=self.batch_in_epoch, reason=reason)
         if background:
             return self._submit(self._write_checkpoint, data, info)
         self.drain()
         return self._write_checkpoint(data, info)
+
+    def _position(self) -> tuple:
+        return (self.attempt, self.stage, self.stage_step, self.step)
 
     def _checkpoint_with_retry(self) -> None:
         """The pause checkpoint: retried like state changes while the database is unreachable."""

@@ -359,3 +359,36 @@ def test_model_state_dict_round_trip():
     a, b = model(seed=1), model(seed=2)
     b.load_state_dict(a.state_dict())
     assert same_weights({k: v for k, v in a.module.state_dict().items()}, b.module.state_dict())
+
+
+def test_complete_keeps_the_final_weights_in_a_checkpoint(url):
+    s = session(url, checkpoint_every_epochs=None).run()
+    final = [r for r in s.checkpoints.records() if r["reason"] == "final"]
+    assert len(final) == 1 and final[0]["step"] == s.step and final[0]["pinned"]
+    state = s.checkpoints.read(final[0])
+    assert same_weights(state["model"]["module"], weights(s))
+
+
+def test_no_duplicate_final_checkpoint_when_the_last_step_was_checkpointed(url):
+    s = session(url).run()  # an epoch-end checkpoint falls on the last step
+    assert [r["reason"] for r in s.checkpoints.records()].count("final") == 0
+    assert s.checkpoints.records()[0]["step"] == s.step
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_session_on_cuda_checkpoints_and_resumes_exactly(url, tmp_path):
+    from .sessionkit import model as make_model
+
+    def cuda_model():
+        m = make_model()
+        return type(m)(m.module, m.criterion, {"cls": "torch.optim.SGD", "lr": 0.1}, device="cuda")
+
+    reference = session((tmp_path / "ref").as_uri(), model=cuda_model()).run()
+    first = session(url, model=cuda_model(), updates=[every_n_steps(7, "pause")])
+    first.run()
+    resumed = session(url, session_id=first.id, model=cuda_model(), updates=[every_n_steps(7, "pause")])
+    while resumed.state != "complete":
+        resumed.run()
+    assert next(resumed.model.module.parameters()).is_cuda
+    assert same_weights(weights(resumed), weights(reference))
