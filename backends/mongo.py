@@ -56,6 +56,7 @@ from bson.int64 import Int64
 from ptutils.database import DEFAULT_COLLECTION, DBInterface
 from ptutils.errors import (
     BackendUnavailableError,
+    CodecError,
     DocumentTooLargeError,
     InvalidIdError,
     NotFoundError,
@@ -428,6 +429,10 @@ class MongoInterface(DBInterface):
                 if exc.code in (10334, 17419, 17420):
                     raise DocumentTooLargeError(f"{self._where()}: {exc}") from exc
                 raise StorageError(f"{self._where()}: {exc}") from exc
+            except UnicodeEncodeError as exc:
+                raise CodecError(
+                    "", f"{self._where()}: text with a lone surrogate cannot be stored or queried in BSON ({exc})"
+                ) from exc
             except (BSONError, OverflowError) as exc:
                 raise StorageError(f"{self._where()}: cannot encode the document for MongoDB ({exc})") from exc
             except pymongo.errors.PyMongoError as exc:

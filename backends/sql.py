@@ -67,6 +67,7 @@ from sqlalchemy.pool import StaticPool
 from ptutils.database import DEFAULT_COLLECTION, DBInterface
 from ptutils.errors import (
     BackendUnavailableError,
+    CodecError,
     CorruptionError,
     DocumentTooLargeError,
     NotFoundError,
@@ -984,6 +985,10 @@ class SQLInterface(DBInterface):
                         result = fn(conn)
                         committing = write
                     return result
+            except UnicodeEncodeError as exc:
+                raise CodecError(
+                    "", f"{self._where()}: text with a lone surrogate cannot be stored or queried in SQL ({exc})"
+                ) from exc
             except _RetryOperation:
                 attempt += 1
                 if attempt > limit + 5:

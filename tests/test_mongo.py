@@ -232,3 +232,12 @@ def test_server_going_away_is_reported_and_recovered(tmp_path) -> None:
     finally:
         db.close()
         server.stop()
+
+
+def test_lone_surrogates_are_refused_as_codec_errors(mdb: MongoInterface, raw) -> None:
+    with pytest.raises(CodecError, match="lone surrogate"):
+        mdb.save({"_id": "s", "text": "a\ud800b", "w": np.zeros(20_000)})
+    with pytest.raises(CodecError, match="lone surrogate"):
+        mdb.load({"text": "a\ud800b"})
+    assert raw.count_documents({}) == 0
+    assert mdb.client[mdb.db_name][f"{mdb.collection_name}.blobs.files"].count_documents({}) == 0

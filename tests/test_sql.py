@@ -474,3 +474,16 @@ def test_busy_sqlite_file_is_retried_with_backoff(tmp_path) -> None:
     assert sorted(d["_id"] for d in patient.load()) == ["a", "b"]
     quick.close()
     patient.close()
+
+
+def test_lone_surrogates_are_refused_as_codec_errors(sdb: SQLInterface) -> None:
+    with pytest.raises(CodecError, match="lone surrogate"):
+        sdb.save({"_id": "s", "text": "a\ud800b", "w": np.zeros(20_000)})
+    with pytest.raises(CodecError, match="lone surrogate"):
+        sdb.load({"text": "a\ud800b"})
+    assert sdb.count() == 0 and not sdb.exists("s")
+    with sdb.engine.connect() as conn:
+        blobs = conn.execute(
+            sa.text("SELECT COUNT(*) FROM ptutils_blobs WHERE collection = :c"), {"c": sdb.collection_name}
+        )
+        assert blobs.scalar() == 0  # the array written before the document was removed again
