@@ -22,6 +22,7 @@ from ptutils import open_db
 from ptutils.backends.mongo import MongoInterface, render_filter
 from ptutils.errors import (
     BackendUnavailableError,
+    CodecError,
     InvalidIdError,
     QueryError,
     StorageError,
