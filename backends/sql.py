@@ -46,6 +46,7 @@ unknown) and is reported as BackendUnavailableError saying so.
 
 from __future__ import annotations
 
+import abc
 import decimal
 import json
 import logging
@@ -238,7 +239,7 @@ def _load_body(text: Any, fixups: str | None, style: str) -> dict:
 
 
 # --------------------------------------------------------------------------- fields
-class _Field:
+class _Field(abc.ABC):
     """SQL expressions for the value at one path of a document.
 
     Every predicate is two-valued (never SQL NULL), so NOT works; the value
@@ -246,35 +247,45 @@ class _Field:
     where a cast could fail) under their kind's predicate.
     """
 
+    @abc.abstractmethod
     def is_missing(self) -> sa.ColumnElement[bool]:
-        raise NotImplementedError
+        """The path does not resolve (absent key, or a prefix that is not an object)."""
 
+    @abc.abstractmethod
     def is_null(self) -> sa.ColumnElement[bool]:
-        raise NotImplementedError
+        """The value is JSON null."""
 
+    @abc.abstractmethod
     def is_int(self) -> sa.ColumnElement[bool]:
-        raise NotImplementedError
+        """The value is a number stored as an integer."""
 
+    @abc.abstractmethod
     def is_float(self) -> sa.ColumnElement[bool]:
-        raise NotImplementedError
+        """The value is a number stored as a double."""
 
+    @abc.abstractmethod
     def is_string(self) -> sa.ColumnElement[bool]:
-        raise NotImplementedError
+        """The value is a string."""
 
+    @abc.abstractmethod
     def is_bool(self, value: bool) -> sa.ColumnElement[bool]:
-        raise NotImplementedError
+        """The value is the boolean ``value``."""
 
+    @abc.abstractmethod
     def int_value(self) -> Any:
-        raise NotImplementedError
+        """The integer (exact) where :meth:`is_int` holds."""
 
+    @abc.abstractmethod
     def float_value(self) -> Any:
-        raise NotImplementedError
+        """The double where :meth:`is_float` holds."""
 
+    @abc.abstractmethod
     def str_compare(self, op: str, value: str) -> sa.ColumnElement[bool]:
-        raise NotImplementedError
+        """The value is a string and compares to ``value`` in code point order."""
 
+    @abc.abstractmethod
     def sort_keys(self) -> list[Any]:
-        raise NotImplementedError
+        """ORDER BY keys giving the ptutils order (kind rank first)."""
 
 
 class _Constant(_Field):
