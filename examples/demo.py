@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         make_dataset(h5)
     db = args.db or (args.out / "db").resolve().as_uri()
     session = build_session(h5, db, args.epochs, args.resume, progress=not args.quiet)
-    signal.signal(signal.SIGINT, lambda *_: session.pause(reason="Ctrl-C"))
+    signal.signal(signal.SIGINT, lambda *_: session.request_pause(reason="Ctrl-C"))
     session.run()
     record = session.record
     summary = {

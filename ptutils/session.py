@@ -160,6 +160,7 @@ class Session:
 
         self._interrupt = False
         self._pause_reason = "requested"
+        self._pause_requested: str | None = None
         self._last_checkpoint: tuple | None = None
         self._loader: Any = None
         self._loader_key: Any = None
@@ -352,6 +353,15 @@ class Session:
         """running -> paused; the loop checkpoints and returns at the next step boundary."""
         self._pause_reason = reason
         return self._fire("pause")
+
+    def request_pause(self, reason: str = "requested") -> None:
+        """Ask for a pause at the next step boundary; safe from signal handlers and other threads.
+
+        ``pause()`` itself checkpoints at once, so calling it from a Ctrl-C
+        handler could catch the model half-way through a step.
+        """
+        self._pause_requested = reason
+        self._interrupt = True
 
     def resume(self) -> bool:
         """paused -> running in the stage it was paused in."""
@@ -822,6 +832,10 @@ class Session:
     def _loop(self) -> None:
         updates = self.updates
         while self.is_running:
+            if self._pause_requested is not None:
+                reason, self._pause_requested = self._pause_requested, None
+                self.pause(reason=reason)
+                break
             stage = self.current_stage
             if not self._budget_left(stage):
                 self._finish_stage()

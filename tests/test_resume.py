@@ -91,3 +91,24 @@ def test_resume_falls_back_when_latest_checkpoint_is_corrupt(tmp_path, reference
     warnings = resumed.events("warning")
     assert warnings and "checksum mismatch" in warnings[0]["message"]
     assert resumed.events("resume")[0]["restored_step"] < 8
+
+
+def test_pause_requested_in_the_middle_of_a_step_waits_for_its_end(tmp_path, reference):
+    """What a Ctrl-C handler does: ask, during the step; the pause happens at the boundary."""
+    url = tmp_path.as_uri()
+    first = build(url)
+    criterion = first.model.criterion
+    calls = {"n": 0}
+
+    def interrupted_loss(outputs, targets):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            first.request_pause(reason="Ctrl-C")  # arrives between forward and backward
+        return criterion(outputs, targets)
+
+    first.model.criterion = interrupted_loss
+    first.run()
+    assert first.state == "paused" and first.step == 8 and first.record["pause_reason"] == "Ctrl-C"
+    resumed = build(url, session_id=first.id, model=model(seed=3, dropout=0.3))
+    resumed.run()
+    assert resumed.state == "complete" and same_weights(weights(resumed), reference)
