@@ -50,10 +50,10 @@ def test_multistage_trains_until_overfitting_tests_then_finetunes_on_the_jpeg_fo
     assert stages == [(None, "train", "start"), ("train", "test", "overfit"), ("test", "finetune", "stage_done")]
     # The overfitting monitor fired exactly when training left the train stage.
     (fired,) = summary["monitor"]
-    assert fired["gap"] > 0.2 and fired["step"] == summary["stages"][1]["step"]
+    assert fired["gap"] > 0.25 and fired["step"] == summary["stages"][1]["step"]
     metrics = summary["metrics"]
-    assert metrics["val_error"] - metrics["train_error"] > 0.2
-    assert metrics["test_error"] < 0.5
+    assert metrics["val_error"] - metrics["train_error"] > 0.25
+    assert metrics["test_error"] < 0.6
     # The finetune stage trained a new 4-class head on the JPEGs (chance error: 0.75).
     assert metrics["task_val_error"] < 0.5
     assert summary["steps"] > summary["stages"][2]["step"]
