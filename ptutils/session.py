@@ -163,7 +163,6 @@ class Session:
         self._pause_requested: str | None = None
         self._last_checkpoint: tuple | None = None
         self._loader: Any = None
-        self._loader_key: Any = None
         self._data_override: Any = None
         self._pending_rng: Mapping[str, Any] | None = None
         self._needs_restore = False
