@@ -7,8 +7,9 @@ default ``file://OUT/db``):
   data, fixed seed), or continue it if it is paused or was interrupted.  Each
   step sleeps ``--step-delay`` seconds so that a person has time to pause it.
   Prints a JSON summary with the SHA-256 of the final weights.
-* ``pause``: write a pause request into the session's record
-  (``ptutils.status.request_pause``); this process exits at once.
+* ``pause``: write a pause request into the record of the running session
+  (``ptutils.status.request_pause``); this process exits at once.  It refuses
+  a session that is not running, whose next run the request would pause.
 * ``status``: print the record's state, stage, step, progress and ETA.
 
 In one terminal::
@@ -153,6 +154,11 @@ def cmd_run(args: argparse.Namespace, db: str) -> int:
 def cmd_pause(args: argparse.Namespace, db: str) -> int:
     with open_db(db) as interface:
         try:
+            state = describe(interface.collection(SESSIONS).load_from_id(args.id))
+            # A request left in a record that is not running would pause the next run at once.
+            if state != "running":
+                print(f"session {args.id} is {state}, not running: nothing to pause", file=sys.stderr)
+                return 1
             request_pause(interface, args.id, reason=args.reason)
         except NotFoundError:
             print(f"no session {args.id!r} in {db}", file=sys.stderr)
