@@ -19,11 +19,13 @@ One Session then runs a small AlexNet-shaped CNN through the stages
   well below the validation error (by more than ``--gap``); if that never
   happens, the epoch budget runs out (``stage_done``).  Either way the session moves to
 * ``test``: one pass over the test split in eval mode.  When the test error is
-  below ``--test-threshold`` (a guarded ``stage_done`` transition), its
-  ``after`` callback reinitialises the bottleneck layer and the classifier (a
-  new head for the task's classes), gives the model a fresh optimizer, and the
+  below ``--test-threshold`` (a guarded ``stage_done`` transition), the
   session moves to
-* ``finetune``: trains on the JPEG folder, evaluating on its val split.
+* ``finetune``, whose ``setup`` reinitialises the bottleneck layer and the
+  classifier (a new head for the task's classes) and gives the model a fresh
+  optimizer (a stage setup is replayed before a resume, so a paused finetune
+  resumes with the right head); it trains on the JPEG folder, evaluating on its
+  val split.
 
 Otherwise the session completes after ``test``.  Every stage change is in the
 status record (``record["stage_history"]``, with the trigger that caused it).
@@ -194,13 +196,13 @@ def build_session(
         stages=[
             {"name": "train", "data": "train", "max_epochs": epochs},
             {"name": "test", "data": "test", "mode": "eval", "max_epochs": 1},
-            {"name": "finetune", "data": "task_train", "max_epochs": finetune_epochs},
+            {"name": "finetune", "data": "task_train", "max_epochs": finetune_epochs, "setup": start_finetune},
         ],
         transitions=[
             {"trigger": "overfit", "source": "train", "dest": "test"},
             {"trigger": "stage_done", "source": "train", "dest": "test"},
             {"trigger": "stage_done", "source": "test", "dest": "finetune",
-             "conditions": [test_satisfactory], "after": [start_finetune]},
+             "conditions": [test_satisfactory]},
         ],
         updates=[
             Evaluate({"dataset": "train", "shuffle": False}, prefix="train", stages=["train"]),

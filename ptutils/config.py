@@ -148,6 +148,10 @@ class ModelConfig:
     grad_clip: float | None = attrs.field(
         default=None, validator=_typed("model.grad_clip", int, float, optional=True, positive=True)
     )
+    scheduler_interval: str = attrs.field(default="epoch", validator=_typed("model.scheduler_interval", str))
+    scheduler_metric: str | None = attrs.field(
+        default=None, validator=_typed("model.scheduler_metric", str, optional=True)
+    )
 
 
 @attrs.define(kw_only=True)
@@ -163,6 +167,7 @@ class StageConfig:
     max_steps: int | None = attrs.field(
         default=None, validator=_typed("stages[].max_steps", int, optional=True, positive=True)
     )
+    setup: Any = None
 
     @mode.validator
     def _check_mode(self, _attr: attrs.Attribute, value: Any) -> None:

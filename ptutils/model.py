@@ -71,7 +71,11 @@ class Model:
         grad_clip: float | None = None,
         step_fn: Callable[[Model, Batch], tuple[torch.Tensor, Any]] | None = None,
         metrics: Mapping[str, Callable[[Any, Any], torch.Tensor]] | None = None,
+        scheduler_interval: str = "epoch",
+        scheduler_metric: str | None = None,
     ):
+        if scheduler_interval not in ("epoch", "step"):
+            raise ConfigError("model.scheduler_interval", f"expected 'epoch' or 'step', got {scheduler_interval!r}")
         self.device = torch.device(device) if device is not None else default_device()
         self.module = build(module, "model.module").to(self.device)
         self.criterion = build(criterion, "model.criterion") if criterion is not None else nn.CrossEntropyLoss()
@@ -82,6 +86,8 @@ class Model:
         self.grad_norm: torch.Tensor | None = None
         self.step_fn = step_fn
         self.metrics = dict(metrics or {})
+        self.scheduler_interval = scheduler_interval
+        self.scheduler_metric = scheduler_metric
         if optimizer is not None:
             self.set_optimizer(optimizer)
         if scheduler is not None:
@@ -97,6 +103,8 @@ class Model:
             config.scheduler,
             device=config.device,
             grad_clip=config.grad_clip,
+            scheduler_interval=config.scheduler_interval,
+            scheduler_metric=config.scheduler_metric,
         )
 
     # ------------------------------------------------------------------ swapping parts
@@ -127,6 +135,19 @@ class Model:
             scheduler = scheduler(self.optimizer)
         self.scheduler = scheduler
         return scheduler
+
+    def step_scheduler(self, metrics: Mapping[str, float]) -> None:
+        """Advance the LR scheduler (the session calls this each epoch or step, as configured).
+
+        A scheduler that needs a value (ReduceLROnPlateau) gets ``metrics[scheduler_metric]``
+        and is skipped until that metric exists.
+        """
+        if self.scheduler is None:
+            return
+        if self.scheduler_metric is None:
+            self.scheduler.step()
+        elif self.scheduler_metric in metrics:
+            self.scheduler.step(metrics[self.scheduler_metric])
 
     def set_criterion(self, criterion: Callable[..., torch.Tensor] | Mapping) -> None:
         """Replace the loss function."""

@@ -456,6 +456,8 @@ class Session:
         if trigger == "start":
             self._begin_attempt()
             fields.update(started=now, blocked_by=None, queue_position=None, interrupted=False)
+        if trigger in ("resume", "start"):
+            fields["control.pause"] = False  # a request that reached a session not running is void
         if trigger == "resume":
             self.error = None
             fields.update(interrupted=False, pause_reason=None, error=None)
@@ -471,6 +473,8 @@ class Session:
         if trigger == "restart":
             self._archive_attempt(fields)
         fields.update(self._progress_fields())
+        if state != "running":
+            fields["eta_seconds"] = None
         self._write_with_retry(fields, push or None)
         self._interrupt = True
         log.info("session %s: %s -> %s", self.id, self._fsm.state, dest)
@@ -502,6 +506,12 @@ class Session:
         self.stage_step = self.stage_epoch = self.batch_in_epoch = 0
         self._data_override = None
         self._loader = None
+        self._setup_stage(stage)
+
+    def _setup_stage(self, stage: str) -> None:
+        setup = self.stages[stage].setup
+        if setup is not None:
+            setup(self)
 
     # ------------------------------------------------------------------ tree
     def add_child(self, child: Session) -> None:
@@ -689,6 +699,8 @@ class Session:
                     update.load_state_dict(saved)
         self._pending_rng = state["rng"]
         self._loader = None
+        self.loss = None  # observations of the abandoned steps must not reach later updates
+        self.model.grad_norm = None
         self._interrupt = True
 
     def restore_checkpoint(self, *, with_updates: bool = False) -> dict:
@@ -714,6 +726,7 @@ class Session:
         resume from, and a crash before it leaves an honest ``pending``.
         """
         seed_everything(self.seed)
+        self._setup_stage(self.stage)
         self.save_checkpoint(reason="initial", pinned=True)
 
     def _archive_attempt(self, fields: dict[str, Any]) -> None:
@@ -728,7 +741,14 @@ class Session:
         self.attempt += 1
         if found is not None:
             state, _ = found
-            self.model.load_state_dict(state["model"])
+            try:
+                self.model.load_state_dict(state["model"])
+            except RuntimeError as exc:
+                self.attempt -= 1
+                raise SessionError(
+                    f"cannot restart session {self.id!r} in place: a stage changed the model's structure "
+                    f"({exc}); build a new Session with session_id={self.id!r} and call restart() on it"
+                ) from exc
             self.model.grad_clip = state.get("grad_clip")
         self.stage = next(iter(self.stages))
         self.step = self.stage_step = self.stage_epoch = self.batch_in_epoch = 0
@@ -736,7 +756,7 @@ class Session:
         self._loader = None
         fields.update(
             attempt=self.attempt, previous_attempt=archive_id, outcome=None, error=None, started=None,
-            finished=None, stage=None, step=0, epoch=0, stage_step=0, metrics={},
+            finished=None, stage=None, step=0, epoch=0, stage_step=0, metrics={}, stage_history=[],
         )
         self._status.sessions.update(self.id, {"$push": {"history": summary}})
 
@@ -770,6 +790,15 @@ class Session:
             raise
         return self
 
+    def _replay_setups(self, until: str) -> None:
+        """Rebuild the structure the checkpoint was saved from: the setups of the stages gone through."""
+        path = [h["stage"] for h in self.record.get("stage_history") or []]
+        if until in path:
+            path = path[: len(path) - path[::-1].index(until)]
+        for stage in path or [until]:
+            if stage in self.stages:
+                self._setup_stage(stage)
+
     def _restore_for_resume(self) -> None:
         found = self.checkpoints.load_latest(attempt=self.attempt)
         if found is None:
@@ -777,6 +806,7 @@ class Session:
         if found is None:
             raise CheckpointError(f"session {self.id!r} is paused but has no usable checkpoint to resume from")
         state, record = found
+        self._replay_setups(record["stage"])
         self._load_state(state, with_updates=True)
         self._needs_restore = False
         self.log_event("resume", checkpoint=record["_id"], restored_step=record["step"])
@@ -847,6 +877,7 @@ class Session:
             max_steps = stage.max_steps
             every = self.checkpoint_every_steps
             status = self._status
+            step_scheduler = train and self.model.scheduler is not None and self.model.scheduler_interval == "step"
             finished_epoch = True
             if not train and self.batch_in_epoch == 0:
                 self._eval_sums, self._eval_count = {}, 0
@@ -857,9 +888,10 @@ class Session:
                 if train:
                     self.step += 1
                 self.event = "step"
-                for update in updates:
-                    if update(self) not in (self, None):
-                        raise SessionError(f"update {update!r} must return the session (or None)")
+                if step_scheduler:
+                    self.model.scheduler.step()
+                if updates:
+                    self._run_updates()
                 for t in polled:
                     if self._interrupt:
                         break
@@ -879,21 +911,31 @@ class Session:
     def _end_epoch(self, stage: Stage) -> None:
         self.stage_epoch += 1
         self.batch_in_epoch = 0
+        epoch = self.stage_epoch
         if stage.mode == "eval":
             self._store_eval_metrics(stage.name)
+        elif self.model.scheduler is not None and self.model.scheduler_interval == "epoch":
+            self.model.step_scheduler(self.metrics)
         self.event = "epoch"
         self._interrupt = False
-        for update in self.updates:
-            if update(self) not in (self, None):
-                raise SessionError(f"update {update!r} must return the session (or None)")
+        self._run_updates()
         self.event = "step"
+        # Logged even when an update just changed the stage: the epoch's metrics belong to its stage.
+        self.log_event("epoch", stage=stage.name, stage_epoch=epoch, metrics=dict(self.metrics))
         if not self.is_running or self._interrupt:
             return
         if self.checkpoint_every_epochs and self.stage_epoch % self.checkpoint_every_epochs == 0:
             self._periodic_checkpoint()
-        self.log_event("epoch", stage_epoch=self.stage_epoch, metrics=dict(self.metrics))
         if self._status.due():
             self._heartbeat()
+
+    def _run_updates(self) -> None:
+        """Call the updates in order; one that changes course (interrupt) ends this round."""
+        for update in self.updates:
+            if update(self) not in (self, None):
+                raise SessionError(f"update {update!r} must return the session (or None)")
+            if self._interrupt:
+                break
 
     def _periodic_checkpoint(self) -> None:
         if self.loss is not None and not math.isfinite(float(self.loss)):

@@ -12,7 +12,9 @@ soon as all its guards hold; one without conditions fires only when an update
 calls ``session.trigger(name)``.  The trigger ``stage_done`` is fired by the
 loop when a stage's budget (max_epochs/max_steps) runs out; if no
 ``stage_done`` transition of that stage passes its guards, the session
-completes.  Guards are called with the session.
+completes.  Guards (``conditions``/``unless``) and callbacks
+(``before``/``after``) are all called with the session.  Structural changes
+that must survive a resume belong in a stage's ``setup``, not in ``after``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,11 @@ class Stage:
     """One stage: which data it asks for, whether it trains or evaluates, and its budget.
 
     ``data`` is the request handed to the DataProvider (a name, a dict, or a
-    callable ``session -> request``).
+    callable ``session -> request``).  ``setup(session)`` (a callable or an
+    import path) changes the model's *structure* for this stage (a new head, a
+    fresh optimizer): it runs when the stage is entered and is replayed, for
+    every stage the session went through, before a checkpoint is loaded into a
+    new process, so the checkpoint finds the structure it was saved from.
     """
 
     name: str
@@ -44,12 +50,15 @@ class Stage:
     mode: str = "train"
     max_epochs: int | None = None
     max_steps: int | None = None
+    setup: Any = None
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or SEP in self.name:
             raise ConfigError("stages[].name", f"a stage name is a non-empty string without {SEP!r}, got {self.name!r}")
         if self.mode not in ("train", "eval"):
             raise ConfigError(f"stages.{self.name}.mode", f"expected 'train' or 'eval', got {self.mode!r}")
+        if self.setup is not None and not callable(self.setup):
+            object.__setattr__(self, "setup", _resolve_callable(self.setup, f"stages.{self.name}.setup"))
         for field in ("max_epochs", "max_steps"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

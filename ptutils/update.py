@@ -16,6 +16,7 @@ resumed session makes the same decisions.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
@@ -252,32 +253,36 @@ def clip_gradients(max_norm: float = 1.0) -> Callable[[Session], str]:
 class Remedies:
     """An action: restore the last good checkpoint, then apply the next remedy of a list.
 
-    Remedies accumulate across restores (a lowered LR stays lowered after the
-    next one) because they are re-applied after every restore.  When the list is
-    exhausted the session fails with the quantity that kept exploding.
+    Remedies accumulate: a lowered LR stays lowered after the next restore.  A
+    remedy applied *after* the restored checkpoint was written is not in that
+    checkpoint, so it is applied again; one applied before is already in it
+    (the optimizer's LR and the gradient clipping are checkpointed).  When the
+    list is exhausted the session fails with the quantity that kept exploding.
     """
 
     def __init__(self, remedies: Iterable[Callable[[Session], str]], *, restore: bool = True):
         self.remedies = list(remedies)
         self.restore = restore
-        self.applied: list[str] = []
+        self.applied: list[dict[str, Any]] = []
 
     def __call__(self, session: Session, value: Any) -> None:
         if len(self.applied) >= len(self.remedies):
-            raise FloatingPointError(f"still diverging ({value}) after remedies {self.applied}")
+            done = [a["remedy"] for a in self.applied]
+            raise FloatingPointError(f"still diverging ({value}) after remedies {done}")
         if self.restore:
-            session.restore_checkpoint()
-        for remedy in self.remedies[: len(self.applied)]:
-            remedy(session)
+            record = session.restore_checkpoint()
+            for i, applied in enumerate(self.applied):
+                if applied["time"] > record["created"]:
+                    self.remedies[i](session)
         description = self.remedies[len(self.applied)](session)
-        self.applied.append(description)
+        self.applied.append({"remedy": description, "time": time.time()})
         session.log_event("remedy", remedy=description, value=_as_float(value))
 
     def state_dict(self) -> dict:
-        return {"applied": list(self.applied)}
+        return {"applied": [dict(a) for a in self.applied]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.applied = list(state["applied"])
+        self.applied = [dict(a) for a in state["applied"]]
 
 
 # ---------------------------------------------------------------------- composition

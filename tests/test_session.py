@@ -392,3 +392,106 @@ def test_session_on_cuda_checkpoints_and_resumes_exactly(url, tmp_path):
         resumed.run()
     assert next(resumed.model.module.parameters()).is_cuda
     assert same_weights(weights(resumed), weights(reference))
+
+
+def test_scheduler_steps_every_epoch_by_default(url):
+    m = model()
+    m.set_scheduler({"cls": "torch.optim.lr_scheduler.StepLR", "step_size": 1, "gamma": 0.5})
+    s = session(url, model=m).run()
+    assert s.model.lr == pytest.approx(0.1 * 0.5**3)
+
+
+def test_scheduler_can_step_every_step_or_on_a_metric(url, tmp_path):
+    from ptutils.model import Model
+
+    base = model()
+    per_step = Model(base.module, base.criterion, {"cls": "torch.optim.SGD", "lr": 0.1},
+                     {"cls": "torch.optim.lr_scheduler.StepLR", "step_size": 1, "gamma": 0.9},
+                     device="cpu", scheduler_interval="step")
+    s = session(url, model=per_step, stages=[{"name": "train", "data": "train", "max_steps": 4}]).run()
+    assert s.model.lr == pytest.approx(0.1 * 0.9**4)
+    on_metric = Model(model().module, base.criterion, {"cls": "torch.optim.SGD", "lr": 0.1},
+                      {"cls": "torch.optim.lr_scheduler.ReduceLROnPlateau", "patience": 0, "factor": 0.5},
+                      device="cpu", scheduler_metric="val_loss")
+    from ptutils.update import Evaluate
+
+    s = session((tmp_path / "b").as_uri(), model=on_metric, updates=[Evaluate("val")]).run()
+    assert s.model.lr <= 0.1  # stepped with val_loss once it existed, never without it
+
+
+def test_updates_after_one_that_changes_course_wait_for_the_next_step(url):
+    seen = []
+
+    def pauser(session):
+        if session.step == 3:
+            session.trigger("pause")
+        return session
+
+    def observer(session):
+        seen.append(session.step)
+        return session
+
+    s = session(url, updates=[pauser, observer]).run()
+    assert s.state == "paused" and seen == [1, 2]
+
+
+def test_a_pause_request_to_a_paused_session_does_not_outlive_its_resume(url):
+    db = open_db(url)
+    s = session(url, updates=[every_n_steps(4, "pause")])
+    s.updates[0].once = True
+    s.run()
+    request_pause(db, s.id, reason="late")  # arrives while it is already paused
+    s.run()
+    assert s.state == "complete" and s.record["control"]["pause"] is False
+
+
+def test_epoch_event_is_logged_even_when_an_epoch_end_update_changes_stage(url):
+    s = session(
+        url,
+        stages=[{"name": "a", "data": "train", "max_epochs": 5}, {"name": "b", "data": "train", "max_steps": 1}],
+        transitions=[{"trigger": "go", "source": "a", "dest": "b"}],
+        updates=[Monitor(None, then="go", on="epoch", every=2, stages=["a"])],
+    ).run()
+    epochs = [(e["stage"], e["stage_epoch"]) for e in s.events("epoch")]
+    assert epochs[:2] == [("a", 1), ("a", 2)]
+
+
+def test_completed_record_has_no_eta(url):
+    s = session(url, status_interval=0.0).run()
+    assert s.record["eta_seconds"] is None
+
+
+def widen_head(session):
+    """A stage setup: a 3-class head and a fresh optimizer (a structural change)."""
+    torch.manual_seed(11)
+    session.model.module[3] = torch.nn.Linear(16, 3)
+    session.model.set_optimizer({"cls": "torch.optim.SGD", "lr": 0.05})
+
+
+def test_stage_setup_runs_on_entry_and_is_replayed_before_a_resume(url, tmp_path):
+    def build(u, **kw):
+        return session(u, stages=[{"name": "a", "data": "train", "max_epochs": 1},
+                                  {"name": "b", "data": "train", "max_epochs": 2, "setup": widen_head}],
+                       transitions=[{"trigger": "stage_done", "source": "a", "dest": "b"}], **kw)
+
+    reference = build((tmp_path / "ref").as_uri()).run()
+    assert reference.model.module[3].out_features == 3
+    first = build(url, updates=[Monitor(None, then="pause", every=8, once=True)])
+    first.run()
+    assert first.state == "paused" and first.stage == "b"
+    resumed = build(url, session_id=first.id, updates=[Monitor(None, then="pause", every=8, once=True)])
+    assert resumed.model.module[3].out_features == 2  # a fresh process has the original structure...
+    resumed.run()  # ...and gets stage b's head back before the checkpoint is loaded
+    assert resumed.state == "complete" and same_weights(weights(resumed), weights(reference))
+    with pytest.raises(SessionError, match="cannot restart session"):
+        resumed.restart()
+    assert resumed.state == "complete"
+    fresh = build(url, session_id=first.id)
+    fresh.restart()
+    assert fresh.state == "pending" and fresh.attempt == 2 and fresh.record["stage_history"] == []
+
+
+def test_stage_setup_by_import_path(url):
+    s = session(url, stages=[{"name": "a", "data": "train", "max_steps": 2, "setup": "tests.test_session.widen_head"}])
+    s.run()
+    assert s.model.module[3].out_features == 3
