@@ -17,8 +17,9 @@ version than this module knows raises :class:`SchemaVersionError`):
   and ``$in`` on those fields use the column (exact by construction), so the
   status queries of sessions are index lookups; every other path is evaluated
   with the dialect's JSON functions.  ``fixups`` is only used on PostgreSQL: JSONB
-  cannot hold ``-0.0`` or U+0000, so such values are recorded there and restored
-  on read (in queries and sorts a U+0000 compares as U+FFFD on PostgreSQL).
+  cannot hold ``-0.0``, so such values are recorded there and restored on read.
+  Strings holding U+0000 or U+0001 are stored escaped on SQLite and PostgreSQL
+  by an order-preserving code (:func:`escape_text`), so they compare exactly.
 * ``ptutils_blobs(collection, blob_id, chunk, nchunks, size, data)``: blobs in
   4 MiB chunks (smaller if MariaDB's ``max_allowed_packet`` asks for it), all
   written in one transaction, so readers see a whole blob or none.
@@ -149,8 +150,38 @@ def _compare(expr: Any, op: str, value: Any) -> sa.ColumnElement[bool]:
 
 
 # --------------------------------------------------------------------------- JSON text
-_PG_CARE = re.compile(r"[0-9][eE]|-0\.0|\\u0000")
+_PG_CARE = re.compile(r"[0-9][eE]|-0\.0|\\u000[01]")
+_SQLITE_CARE = re.compile(r"\\u000[01]")
 _MYSQL_CARE = re.compile(r'[0-9][eE]|"[-~]')
+_ESCAPED = re.compile("\x01([\x01\x02])")
+
+
+def escape_text(value: str) -> str:
+    """A string as stored on SQLite and PostgreSQL: U+0000 -> U+0001 U+0001, U+0001 -> U+0001 U+0002.
+
+    SQLite's JSON functions end a string at U+0000 and PostgreSQL cannot hold it
+    at all.  This code is injective and keeps code point order (U+0001 starts
+    both two-character codes, every other character stands for itself, and no
+    code is a prefix of another), so comparing escaped strings is comparing the
+    originals; query values are escaped the same way and reads undo it.
+    """
+    if "\x00" not in value and "\x01" not in value:
+        return value
+    return value.replace("\x01", "\x01\x02").replace("\x00", "\x01\x01")
+
+
+def _unescape_text(value: str) -> str:
+    return _ESCAPED.sub(lambda m: "\x00" if m.group(1) == "\x01" else "\x01", value)
+
+
+def _unescape_values(value: Any) -> Any:
+    if isinstance(value, str):
+        return _unescape_text(value) if "\x01" in value else value
+    if isinstance(value, dict):
+        return {k: _unescape_values(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unescape_values(v) for v in value]
+    return value
 
 
 def mysql_key(key: str) -> str:
@@ -204,10 +235,9 @@ def _dump_slow(value: Any, style: str, fixups: list, path: list) -> str:
             if value == 0 and math.copysign(1.0, value) < 0:
                 fixups.append([path, value])
             return _positional(value)
-        return _with_point(value)
-    if isinstance(value, str) and style == "postgresql" and "\x00" in value:
-        fixups.append([path, value])
-        value = value.replace("\x00", "\ufffd")
+        return _with_point(value) if style == "mysql" else repr(value)
+    if isinstance(value, str) and style != "mysql":
+        value = escape_text(value)
     return json.dumps(value, ensure_ascii=False)
 
 
@@ -217,8 +247,8 @@ def _dump_body(body: dict, style: str) -> tuple[str, str | None]:
         text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise StorageError(f"document is not plain JSON after encoding: {exc}") from exc
-    care = _PG_CARE if style == "postgresql" else _MYSQL_CARE if style == "mysql" else None
-    if care is None or not care.search(text):
+    care = {"postgresql": _PG_CARE, "mysql": _MYSQL_CARE}.get(style, _SQLITE_CARE)
+    if not care.search(text):
         return text, None
     fixups: list = []
     text = _dump_slow(body, style, fixups, [])
@@ -229,6 +259,8 @@ def _load_body(text: Any, fixups: str | None, style: str) -> dict:
     body = json.loads(text)
     if style == "mysql" and '"~' in text:
         body = _unmap_mysql_keys(body)
+    elif style != "mysql" and "\\u0001" in text:
+        body = _unescape_values(body)
     if fixups:
         for path, value in json.loads(fixups):
             cur = body
@@ -315,10 +347,10 @@ class _Constant(_Field):
 
 
 class _IdField(_Constant):
-    """``_id``: the id column, always a string (binary collation on every dialect)."""
+    """``_id``: the id column, always an ASCII string (binary collation on every dialect)."""
 
-    def __init__(self, column: Any):
-        self.column = column
+    def __init__(self, column: Any, style: str):
+        self.column, self.style = column, style
 
     def is_missing(self):
         return sa.false()
@@ -327,7 +359,11 @@ class _IdField(_Constant):
         return sa.true()
 
     def str_compare(self, op, value):
-        return _compare(self.column, op, value)
+        if self.style == "mysql" and not value.isascii():
+            # The column is ASCII: MariaDB refuses to compare it with other text unless converted.
+            column = sa.collate(sa.cast(self.column, mysql_types.CHAR(128, charset="utf8mb4")), _MySQLField.COLLATION)
+            return _compare(column, op, value)
+        return _compare(self.column, op, value if self.style == "mysql" else escape_text(value))
 
     def sort_keys(self):
         return [self.column]
@@ -406,7 +442,7 @@ class _SQLiteField(_Field):
         return self.value
 
     def str_compare(self, op, value):
-        return sa.and_(self.is_string(), _compare(self.value, op, value))
+        return sa.and_(self.is_string(), _compare(self.value, op, escape_text(value)))
 
     def sort_keys(self):
         rank = _rank(
@@ -423,10 +459,6 @@ class _SQLiteField(_Field):
 
 
 _PG_INDEX_LIKE = re.compile(r"\s*[+-]?[0-9]+")
-
-
-def _pg_text(value: str) -> str:
-    return value.replace("\x00", "\ufffd")
 
 
 class _PostgresField(_Field):
@@ -481,7 +513,7 @@ class _PostgresField(_Field):
         return sa.cast(self.number, pg_types.DOUBLE_PRECISION)
 
     def str_compare(self, op, value):
-        return sa.and_(self.is_string(), _compare(sa.collate(self.text, "C"), op, _pg_text(value)))
+        return sa.and_(self.is_string(), _compare(sa.collate(self.text, "C"), op, escape_text(value)))
 
     def sort_keys(self):
         rank = _rank(
@@ -580,7 +612,7 @@ class _Renderer:
 
     def field(self, path: Path) -> _Field:
         if path[0] == "_id":
-            return _IdField(self.docs.c.id) if len(path) == 1 else _Constant()
+            return _IdField(self.docs.c.id, self.schema.style) if len(path) == 1 else _Constant()
         if path[0] == "_version":
             return _VersionField(self.docs.c.version) if len(path) == 1 else _Constant()
         body = self.docs.c.body
@@ -635,7 +667,7 @@ class _Renderer:
 
     def indexed_column(self, path: Path, value: str) -> Any:
         """The generated column answering ``path == value`` exactly, if there is one."""
-        if len(path) == 1 and path[0] in INDEXED_FIELDS and len(value) <= INDEXED_MAX_CHARS:
+        if len(path) == 1 and path[0] in INDEXED_FIELDS and len(self.schema.stored_text(value)) <= INDEXED_MAX_CHARS:
             return self.docs.c[path[0]]
         return None
 
@@ -779,8 +811,12 @@ class _Schema:
             self._lookups[key] = stmt
         return stmt
 
+    def stored_text(self, value: str) -> str:
+        """A string as this dialect stores it (see :func:`escape_text`)."""
+        return value if self.style == "mysql" else escape_text(value)
+
     def text_param(self, value: str) -> Any:
-        return sa.literal(_pg_text(value) if self.style == "postgresql" else value, sa.Text)
+        return sa.literal(self.stored_text(value), sa.Text)
 
     def body_column(self) -> Any:
         """The body column as selected: JSON text on every dialect."""
@@ -1221,7 +1257,7 @@ class SQLInterface(DBInterface):
             ):
                 return None
             fields.append(clause.path[0])
-            params[f"q{k}_"] = _pg_text(clause.value) if self._shared.style == "postgresql" else clause.value
+            params[f"q{k}_"] = self._shared.schema.stored_text(clause.value)
         return tuple(fields), params
 
     def _find(

@@ -18,6 +18,8 @@ from typing import Self
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ptutils import open_db
 from ptutils.backends.sql import (
@@ -25,6 +27,8 @@ from ptutils.backends.sql import (
     INDEXED_FIELDS,
     SCHEMA_VERSION,
     SQLInterface,
+    _unescape_text,
+    escape_text,
 )
 from ptutils.errors import (
     BackendUnavailableError,
@@ -33,7 +37,7 @@ from ptutils.errors import (
     QueryError,
     SchemaVersionError,
 )
-from ptutils.query import parse_query, parse_sort
+from ptutils.query import matches, parse_query, parse_sort, sort_docs
 
 from . import services
 from .conftest import selected_backends
@@ -487,3 +491,22 @@ def test_lone_surrogates_are_refused_as_codec_errors(sdb: SQLInterface) -> None:
             sa.text("SELECT COUNT(*) FROM ptutils_blobs WHERE collection = :c"), {"c": sdb.collection_name}
         )
         assert blobs.scalar() == 0  # the array written before the document was removed again
+
+
+@given(st.text(alphabet="\x00\x01\x02a\uffff", max_size=6), st.text(alphabet="\x00\x01\x02a\uffff", max_size=6))
+def test_text_escape_is_reversible_and_keeps_code_point_order(a: str, b: str) -> None:
+    ea, eb = escape_text(a), escape_text(b)
+    assert "\x00" not in ea and _unescape_text(ea) == a
+    assert (ea < eb) == (a < b) and (ea == eb) == (a == b)
+
+
+def test_strings_with_nul_and_control_characters_compare_whole(sdb: SQLInterface) -> None:
+    values = {"nul": "a\x00b", "one": "a\x01", "both": "\x01\x00", "plain": "a", "esc": "a\x01\x02", "lit": "a\\u0000"}
+    for doc_id, value in values.items():
+        sdb.save({"_id": doc_id, "s": value, "state": value})
+    docs = [{"_id": k, "_version": 1, "s": v, "state": v} for k, v in sorted(values.items())]
+    for value in [*values.values(), "a\x00", "a\x00c", "\x00", "\x01"]:
+        for query in ({"s": value}, {"state": value}, {"s": {"$gt": value}}, {"s": {"$lte": value}}, {"_id": value}):
+            assert [d["_id"] for d in sdb.load(query)] == [d["_id"] for d in docs if matches(query, d)], query
+    assert [d["_id"] for d in sdb.load(sort=[("s", 1)])] == [d["_id"] for d in sort_docs(list(docs), [("s", 1)])]
+    assert {d["_id"]: d["s"] for d in sdb.load()} == values
