@@ -119,9 +119,15 @@ def deserialize(data: bytes, where: str = "checkpoint") -> dict[str, Any]:
         meta = json.loads(data[8 : 8 + size])["__metadata__"]
     except Exception as exc:  # safetensors raises its own error types on bad input
         raise CorruptionError(where, f"not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
-    if meta.get("format") != FORMAT:
-        raise CorruptionError(where, f"unknown checkpoint format {meta.get('format')!r}")
-    return _unflatten(json.loads(meta["structure"]), tensors)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CorruptionError(where, f"unknown checkpoint format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    try:
+        return _unflatten(json.loads(meta["structure"]), tensors)
+    except CorruptionError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError, StorageError) as exc:
+        # A readable safetensors file whose structure is garbled: bit rot, or a foreign writer.
+        raise CorruptionError(where, f"malformed checkpoint structure ({type(exc).__name__}: {exc})") from exc
 
 
 # ---------------------------------------------------------------------- RNG state

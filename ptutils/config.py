@@ -39,7 +39,7 @@ def import_object(path: str, field: str = "cls") -> Any:
         raise ConfigError(field, f"{path!r} is not a dotted import path")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except (ImportError, TypeError, ValueError) as exc:
         raise ConfigError(field, f"cannot import module {module_name!r}: {exc}") from exc
     obj: Any = module
     for part in attr.split("."):
@@ -65,8 +65,10 @@ def build(spec: Any, field: str, *args: Any, **extra: Any) -> Any:
     check_kwargs(target, kwargs, field, skip=len(args), extra=extra)
     try:
         return target(*args, **kwargs, **extra)
-    except TypeError as exc:
-        raise ConfigError(field, f"cannot build {spec['cls']}: {exc}") from exc
+    except ConfigError:
+        raise
+    except Exception as exc:  # a constructor refusing its arguments is a config problem; the cause is chained
+        raise ConfigError(field, f"cannot build {spec['cls']}: {type(exc).__name__}: {exc}") from exc
 
 
 def check_kwargs(target: Any, kwargs: Mapping[str, Any], field: str, *, skip: int = 0, extra: Mapping = {}) -> None:
@@ -120,6 +122,35 @@ def _spec(field_path: str) -> Callable[[Any, attrs.Attribute, Any], None]:
     return check
 
 
+def _plain_data(value: Any, path: str) -> None:
+    """Raise ConfigError unless ``value`` is JSON-like data a record can hold (no '$' keys)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str) or key.startswith("$"):
+                raise ConfigError(path, f"keys must be strings not starting with '$', got {key!r}")
+            _plain_data(item, f"{path}.{key}")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _plain_data(item, f"{path}[{i}]")
+        return
+    raise ConfigError(path, f"expected plain data (dicts, lists, strings, numbers), got {type(value).__name__}")
+
+
+def _plain(field_path: str) -> Callable[[Any, attrs.Attribute, Any], None]:
+    def check(_inst: Any, _attr: attrs.Attribute, value: Any) -> None:
+        if callable(value) and not isinstance(value, Mapping):
+            return
+        try:
+            _plain_data(value, field_path)
+        except ConfigError as exc:
+            raise ConfigError(field_path, str(exc).split(": ", 1)[1]) from None
+
+    return check
+
+
 def _typed(field_path: str, *types: type, optional: bool = False, positive: bool = False):
     names = " or ".join(t.__name__ for t in types) + (" or None" if optional else "")
 
@@ -141,10 +172,27 @@ class ModelConfig:
     """What to train: the module, its loss, optimizer and optional LR scheduler."""
 
     module: Spec = attrs.field(validator=_spec("model.module"))
+
+    @module.validator
+    def _check_module(self, _attr: attrs.Attribute, value: Any) -> None:
+        import torch
+
+        if not isinstance(value, (Mapping, torch.nn.Module)):
+            raise ConfigError("model.module", f"expected a spec or a torch.nn.Module, got {value!r}")
     criterion: Spec = attrs.field(default=None, validator=_spec("model.criterion"))
     optimizer: Spec = attrs.field(default=None, validator=_spec("model.optimizer"))
     scheduler: Spec = attrs.field(default=None, validator=_spec("model.scheduler"))
     device: str | None = attrs.field(default=None, validator=_typed("model.device", str, optional=True))
+
+    @device.validator
+    def _check_device(self, _attr: attrs.Attribute, value: Any) -> None:
+        import torch
+
+        if value is not None:
+            try:
+                torch.device(value)
+            except RuntimeError as exc:
+                raise ConfigError("model.device", f"not a device: {exc}") from None
     grad_clip: float | None = attrs.field(
         default=None, validator=_typed("model.grad_clip", int, float, optional=True, positive=True)
     )
@@ -159,7 +207,12 @@ class StageConfig:
     """One stage of the run: its data request, train or eval mode, and budget."""
 
     name: str = attrs.field(validator=_typed("stages[].name", str))
-    data: Any = None
+    data: Any = attrs.field(default=None, validator=_plain("stages[].data"))
+
+    @name.validator
+    def _check_name(self, _attr: attrs.Attribute, value: Any) -> None:
+        if not value or "/" in value:
+            raise ConfigError("stages[].name", f"a stage name is a non-empty string without '/', got {value!r}")
     mode: str = attrs.field(default="train")
     max_epochs: int | None = attrs.field(
         default=None, validator=_typed("stages[].max_epochs", int, optional=True, positive=True)
@@ -195,7 +248,8 @@ class Config:
 
     name: str = attrs.field(default="session", validator=_typed("name", str))
     seed: int = attrs.field(default=0, validator=_typed("seed", int))
-    db: str = attrs.field(default="file://./ptutils-runs", validator=_typed("db", str))
+    db: str | None = attrs.field(default=None, validator=_typed("db", str, optional=True))
+    """None: the filesystem database ./ptutils-runs of the current directory."""
     model: ModelConfig = attrs.field()
     data: Spec = attrs.field(default=None, validator=_spec("data"))
     stages: list[StageConfig] = attrs.field(factory=list)
@@ -203,7 +257,21 @@ class Config:
     updates: list[Spec] = attrs.field(factory=list)
     checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
     status_interval: float = attrs.field(default=2.0, validator=_typed("status_interval", int, float, positive=True))
-    metadata: dict = attrs.field(factory=dict, validator=_typed("metadata", dict))
+    metadata: dict = attrs.field(factory=dict, validator=[_typed("metadata", dict), _plain("metadata")])
+
+    @seed.validator
+    def _check_seed(self, _attr: attrs.Attribute, value: Any) -> None:
+        if not 0 <= value < 2**63:
+            raise ConfigError("seed", f"expected 0 <= seed < 2**63, got {value}")
+
+    @updates.validator
+    def _check_updates(self, _attr: attrs.Attribute, value: Any) -> None:
+        if not isinstance(value, list):
+            raise ConfigError("updates", f"expected a list, got {type(value).__name__}")
+        for i, spec in enumerate(value):
+            if not (isinstance(spec, Mapping) or callable(spec)):
+                raise ConfigError(f"updates[{i}]", f"expected a spec or a callable, got {spec!r}")
+            _spec(f"updates[{i}]")(None, _attr, spec)
 
     @model.validator
     def _check_model(self, _attr: attrs.Attribute, value: Any) -> None:
@@ -221,6 +289,8 @@ class Config:
 
     @transitions.validator
     def _check_transitions(self, _attr: attrs.Attribute, value: Any) -> None:
+        if not isinstance(value, list):
+            raise ConfigError("transitions", f"expected a list, got {type(value).__name__}")
         for i, t in enumerate(value):
             if not isinstance(t, Mapping):
                 raise ConfigError(f"transitions[{i}]", f"expected a mapping, got {type(t).__name__}")
@@ -239,8 +309,10 @@ class Config:
         try:
             with open(path, "rb") as fh:
                 data = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError("<file>", f"{path}: invalid TOML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError("<file>", f"cannot read {path}: {exc}") from exc
         return cls.from_dict(data)
 
     def to_dict(self) -> dict:
@@ -265,6 +337,9 @@ def _structure(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(prefix or "<root>", f"expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in attrs.fields(cls)}
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(prefix or "<root>", f"keys must be strings, got {key!r}")
     unknown = sorted(set(data) - set(fields))
     if unknown:
         path = f"{prefix}.{unknown[0]}" if prefix else unknown[0]

@@ -38,6 +38,16 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def is_valid_id(value: Any) -> bool:
+    """Whether ``value`` is a safe id (see :func:`check_id`)."""
+    return isinstance(value, str) and bool(ID_PATTERN.fullmatch(value)) and ".." not in value
+
+
+def stored_refs(doc: Any) -> set[str]:
+    """The blob ids a stored document points to; invalid references (a damaged store) are ignored."""
+    return {ref for ref in codec.blob_refs(doc) if is_valid_id(ref)}
+
+
 def check_id(value: Any, kind: str = "id") -> str:
     """Return ``value`` if it is a safe id, else raise InvalidIdError naming it."""
     if not isinstance(value, str):
@@ -98,7 +108,7 @@ class DBInterface(abc.ABC):
             self._delete_blobs(written)
             raise
         if old is not None:
-            self._delete_blobs(codec.blob_refs(old) - set(written))
+            self._delete_blobs(stored_refs(old) - set(written))
         return doc_id
 
     def load(
@@ -158,7 +168,7 @@ class DBInterface(abc.ABC):
             removed = self._remove_query(parse_query(target))
         refs: set[str] = set()
         for doc in removed:
-            refs |= codec.blob_refs(doc)
+            refs |= stored_refs(doc)
         self._delete_blobs(refs)
         return len(removed)
 
@@ -190,7 +200,7 @@ class DBInterface(abc.ABC):
             raise NotFoundError("document", doc_id, self._where())
         old, new = result
         if old is not None:
-            self._delete_blobs(codec.blob_refs(old) - codec.blob_refs(new))
+            self._delete_blobs(stored_refs(old) - stored_refs(new))
         return self._decode(new)
 
     def put_blob(self, data: bytes, blob_id: str | None = None) -> str:
@@ -240,7 +250,14 @@ class DBInterface(abc.ABC):
             raise
 
     def _decode(self, stored: Mapping[str, Any]) -> dict:
-        return codec.decode(stored, get_blob=self.get_blob)
+        def get_blob(ref: Any) -> bytes:
+            if not is_valid_id(ref):
+                raise CorruptionError(
+                    f"document {stored.get('_id')!r} in {self._where()}", f"holds an invalid blob reference {ref!r}"
+                )
+            return self.get_blob(ref)
+
+        return codec.decode(stored, get_blob=get_blob)
 
     def _decode_consistent(self, fetch: Callable[[], list[dict]]) -> list[dict]:
         """Decode what ``fetch`` returns, fetching again if a blob vanished meanwhile.
@@ -257,7 +274,7 @@ class DBInterface(abc.ABC):
             try:
                 return [self._decode(d) for d in found]
             except NotFoundError as exc:
-                owners = [d.get("_id") for d in found if exc.key in codec.blob_refs(d)]
+                owners = [d.get("_id") for d in found if exc.key in stored_refs(d)]
                 if not owners:
                     raise
                 attempts += 1

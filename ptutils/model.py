@@ -76,8 +76,14 @@ class Model:
     ):
         if scheduler_interval not in ("epoch", "step"):
             raise ConfigError("model.scheduler_interval", f"expected 'epoch' or 'step', got {scheduler_interval!r}")
-        self.device = torch.device(device) if device is not None else default_device()
-        self.module = build(module, "model.module").to(self.device)
+        try:
+            self.device = torch.device(device) if device is not None else default_device()
+        except RuntimeError as exc:
+            raise ConfigError("model.device", f"not a device: {exc}") from None
+        built = build(module, "model.module")
+        if not isinstance(built, nn.Module):
+            raise ConfigError("model.module", f"expected a torch.nn.Module, got {type(built).__name__}")
+        self.module = built.to(self.device)
         self.criterion = build(criterion, "model.criterion") if criterion is not None else nn.CrossEntropyLoss()
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None

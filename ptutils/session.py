@@ -17,8 +17,9 @@ import math
 import time
 import traceback
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,8 +31,10 @@ from . import status as status_mod
 from .checkpoint import CheckpointStore, rng_state, seed_everything, serialize, set_rng_state
 from .config import Config, build
 from .data import DataProvider, set_loader_position
-from .database import DBInterface, check_id, open_db
-from .errors import BackendUnavailableError, CheckpointError, SessionError, StorageError, TransitionError
+from .database import DBInterface, backend_for, check_id, open_db
+from .errors import (
+    BackendUnavailableError, CheckpointError, ConfigError, SessionError, StorageError, TransitionError,
+)
 from .model import Model
 from .stages import (
     LIFECYCLE,
@@ -48,7 +51,13 @@ from .update import Update
 
 log = logging.getLogger("ptutils")
 
-DEFAULT_DB = "file://./ptutils-runs"
+DEFAULT_DIR = "ptutils-runs"
+"""Where sessions keep their records when no database is given: ./ptutils-runs (filesystem backend)."""
+
+
+def default_db_url() -> str:
+    """``file://`` URL of :data:`DEFAULT_DIR` under the current directory."""
+    return Path(DEFAULT_DIR).resolve().as_uri()
 
 
 class _State(NestedState):
@@ -132,12 +141,12 @@ class Session:
         self._outage_since: float | None = None
         self._outage_error: str | None = None
 
-        self._owned: list[DBInterface] = []
-        self.db = self._open(db or DEFAULT_DB)
-        ckpt_db = self._open(checkpoint_db) if checkpoint_db is not None else self.db
         self.id = check_id(session_id) if session_id else f"{_slug(name)}-{uuid.uuid4().hex[:10]}"
         if len(self.id) > 80:
             raise SessionError(f"session id {self.id!r} is longer than 80 characters")
+        self._owned: list[DBInterface] = []
+        self.db = self._open(db or default_db_url())
+        ckpt_db = self._open(checkpoint_db) if checkpoint_db is not None else self.db
         self._status = StatusWriter(self.db, self.id, interval=status_interval)
         self.checkpoints = CheckpointStore(
             ckpt_db, self.id, keep=keep_checkpoints, on_warning=lambda m: self.log_event("warning", message=m)
@@ -217,12 +226,23 @@ class Session:
     def from_config(cls, config: Config | Mapping[str, Any], *, session_id: str | None = None, **overrides: Any) -> Session:
         """Build a session (model, data, updates, stages) from a Config or its dict."""
         cfg = config if isinstance(config, Config) else Config.from_dict(config)
+        for field, url in (("db", cfg.db), ("checkpoint.db", cfg.checkpoint.db)):
+            if url is not None:
+                try:
+                    backend_for(url)
+                except StorageError as exc:
+                    raise ConfigError(field, str(exc)) from exc
         seed_everything(cfg.seed)
         model = Model.from_config(cfg.model)
         data = build(cfg.data, "data") if cfg.data is not None else None
         updates = [build(u, f"updates[{i}]") for i, u in enumerate(cfg.updates)]
+        try:
+            stages = [Stage.coerce(s) for s in cfg.stages] or ["train"]
+            parse_transitions(cfg.transitions, [s.name for s in stages if isinstance(s, Stage)] or ["train"])
+        except ConfigError as exc:
+            raise ConfigError(exc.field.replace("stages[]", "stages"), str(exc).split(": ", 1)[1]) from None
         kwargs: dict[str, Any] = dict(
-            stages=cfg.stages or ("train",),
+            stages=stages,
             transitions=cfg.transitions,
             updates=updates,
             db=cfg.db,

@@ -12,10 +12,8 @@ on the server backends fewer (see ``examples_for``), which keeps the whole file
 within a few minutes on two cores; the translation they check is the same code
 on every example, only the server differs.
 
-Inputs that hit a bug reported to the lead are pinned by their own
-``xfail(strict=True)`` tests (reason "bug: ..."), and only those exact input
-classes are kept out of the fuzzers, so that the fuzzers keep guarding
-everything else meanwhile; each exclusion says which test pins it.
+Every bug these tests found has been fixed; the tests that pinned them now
+pass as ordinary tests, and the fuzzers cover those inputs too.
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ptutils import checkpoint as ckpt
@@ -46,7 +44,7 @@ from ptutils import open_db
 from ptutils.checkpoint import CheckpointStore
 from ptutils.codec import TAG
 from ptutils.config import Config
-from ptutils.database import DBInterface, check_id
+from ptutils.database import DBInterface
 from ptutils.errors import (
     CodecError,
     ConfigError,
@@ -601,8 +599,6 @@ GARBLED_METADATA = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="bug: checkpoint.deserialize lets KeyError/JSONDecodeError/TypeError/CodecError "
-                   "out for a readable safetensors file with a garbled structure; load_latest does not fall back")
 @pytest.mark.parametrize("case", [*GARBLED_METADATA, "one byte flipped inside the structure"])
 def test_garbled_checkpoint_metadata_is_corruption_and_the_previous_one_is_used(db: DBInterface, case: str, faults) -> None:
     store = CheckpointStore(db, f"meta-{uuid.uuid4().hex[:8]}", keep=10)
@@ -669,8 +665,6 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a stored document whose blob reference is not a valid id loads (and is "
-                   "replaced/deleted) with InvalidIdError instead of CorruptionError")
 @pytest.mark.parametrize("ref", ["../../../x", "a/b", 5, None, ["x"]], ids=repr)
 def test_a_stored_blob_reference_that_is_not_an_id_is_corruption(db: DBInterface, ref: Any) -> None:
     # The backend primitive stores an already-encoded document as is: what a damaged or hostile store holds.
@@ -840,7 +834,6 @@ CONFIG_BUGS = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Session.from_config lets non-ConfigError exceptions out (or accepts the value)")
 @pytest.mark.parametrize("changes, field", CONFIG_BUGS)
 def test_values_only_the_session_can_judge_are_config_errors_too(changes: dict, field: str, tmp_path: Path) -> None:
     cfg = config_with(changes, db_url=(tmp_path / "db").as_uri())
@@ -849,8 +842,6 @@ def test_values_only_the_session_can_judge_are_config_errors_too(changes: dict, 
     assert err.value.field == field
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the default database URL 'file://./ptutils-runs' (Config.db, "
-                   "session.DEFAULT_DB) is refused by the filesystem backend: StorageError")
 def test_a_config_without_db_uses_the_default_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     cfg = copy.deepcopy(VALID_CONFIG)
@@ -859,7 +850,6 @@ def test_a_config_without_db_uses_the_default_database(tmp_path: Path, monkeypat
     assert (tmp_path / "ptutils-runs").is_dir()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: keys that are not strings give TypeError (mixed) or a non-string field")
 @pytest.mark.parametrize("cfg", [{**VALID_CONFIG, 5: 1}, {**VALID_CONFIG, 5: 1, "x": 2},
                                  {**VALID_CONFIG, "model": {**VALID_CONFIG["model"], 5: 1, "y": 2}}], ids=["int", "mixed", "nested mixed"])
 def test_keys_that_are_not_strings_are_config_errors_with_a_string_field(cfg: dict) -> None:
@@ -868,7 +858,6 @@ def test_keys_that_are_not_strings_are_config_errors_with_a_string_field(cfg: di
     assert isinstance(err.value.field, str)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Config.from_toml raises UnicodeDecodeError / CodecError, not ConfigError")
 @pytest.mark.parametrize("text", [b'name = "\xff\xfe"\n', b"[metadata]\nwhen = 07:32:00\n", b"[metadata]\nday = 1979-05-27\n"],
                          ids=["invalid UTF-8", "TOML time in metadata", "TOML date in metadata"])
 def test_toml_files_ptutils_cannot_use_are_config_errors(text: bytes, tmp_path: Path) -> None:
@@ -1261,20 +1250,6 @@ def corrupt(text: bytes, edits: list[tuple[str, int, int]]) -> bytes:
     return bytes(data)
 
 
-def blob_refs_are_ids(value: Any) -> bool:
-    """Whether every blob reference in an encoded document is a valid id (see the xfail test above)."""
-    if isinstance(value, list):
-        return all(blob_refs_are_ids(v) for v in value)
-    if isinstance(value, dict):
-        if TAG in value and "blob" in value:
-            try:
-                check_id(value["blob"])
-            except InvalidIdError:
-                return False
-        return all(blob_refs_are_ids(v) for v in value.values())
-    return True
-
-
 encodable = st.dictionaries(st.sampled_from(["a", "b", "c"]), codec_values, min_size=1, max_size=3)
 edits = st.lists(st.tuples(st.sampled_from(["flip", "set", "delete", "insert", "truncate"]), st.integers(0, 2**16),
                            st.integers(0, 255)), min_size=1, max_size=4)
@@ -1301,7 +1276,6 @@ def test_fuzz_corrupted_encoded_documents_load_or_raise_only_codec_or_corruption
             stored = {"text": damaged.decode("latin-1")}  # unparsable: a store would hold it as text, if at all
         if not isinstance(stored, dict):
             stored = {"value": stored}
-        assume(blob_refs_are_ids(stored))  # invalid references: test_a_stored_blob_reference_that_is_not_an_id...
         # The backend primitive stores an already-encoded document as is: what a damaged store would hold.
         try:
             db._write("damaged", stored)
