@@ -13,7 +13,10 @@ tensors, one thread) trains for the same steps as:
 All read the same precomputed batches through the same DataLoader.  Variants
 are interleaved over several rounds; the table shows median time, the ratio to
 the raw loop and the added microseconds per step, and whether the final
-weights are bitwise identical to the raw loop's.
+weights are bitwise identical to the raw loop's.  "steady us/step" is the
+Session's added cost per step between the end of step 1 and the end of the last
+step (same round, same window in the raw loop): the loop itself, without the
+durable start (record + initial checkpoint, fsync'd) and the final write.
 
     python benchmarks/loop_overhead.py            # 2,000 steps, 5 rounds, batch 128 and 1
     python benchmarks/loop_overhead.py --quick
@@ -65,6 +68,10 @@ def loader_of(batches: list) -> DataLoader:
     return DataLoader(Batches(batches), batch_size=None, shuffle=False)
 
 
+STEADY: dict[str, float] = {}
+"""Seconds from the end of step 1 to the end of the last step, per variant (no start-up or shutdown)."""
+
+
 def run_raw(init: nn.Module, batches: list, steps: int) -> tuple[float, nn.Module]:
     model = copy.deepcopy(init)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -79,9 +86,28 @@ def run_raw(init: nn.Module, batches: list, steps: int) -> tuple[float, nn.Modul
             loss.backward()
             opt.step()
             step += 1
+            if step == 1:
+                first = time.perf_counter()
             if step == steps:
                 break
-    return time.perf_counter() - start, model
+    end = time.perf_counter()
+    STEADY["raw"] = end - first
+    return end - start, model
+
+
+class Stopwatch:
+    """An update that notes when step 1 and the last step end (the steady-state window)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.first, self.last = steps, 0.0, 0.0
+
+    def __call__(self, session):
+        if session.event == "step":
+            if session.step == 1:
+                self.first = time.perf_counter()
+            elif session.step == self.steps:
+                self.last = time.perf_counter()
+        return session
 
 
 class _Provider(DataProvider):
@@ -95,13 +121,16 @@ class _Provider(DataProvider):
 def run_session(init: nn.Module, batches: list, steps: int) -> tuple[float, nn.Module]:
     with tempfile.TemporaryDirectory() as tmp:
         model = Model(copy.deepcopy(init), nn.CrossEntropyLoss(), {"cls": "torch.optim.SGD", "lr": 0.01}, device="cpu")
+        watch = Stopwatch(steps)
         session = Session(
             model, _Provider(batches), stages=[{"name": "train", "data": "train", "max_steps": steps}],
             db=f"file://{tmp}", checkpoint_every_steps=500, checkpoint_every_epochs=None, name="bench",
+            updates=[watch],
         )
         start = time.perf_counter()
         session.run()
         elapsed = time.perf_counter() - start
+        STEADY["session"] = watch.last - watch.first
         assert session.state == "complete" and session.step == steps
         session.close()
         return elapsed, model.module
@@ -182,15 +211,17 @@ def main() -> None:
     torch.set_num_threads(1)
     variants = available()
     print(f"{args.steps} steps, {args.rounds} interleaved rounds, torch {torch.__version__}, 1 thread")
-    print(f"{'batch':>5} {'variant':<10} {'median s':>9} {'x raw':>7} {'us/step':>9} {'same weights':>13}")
+    print(f"{'batch':>5} {'variant':<10} {'median s':>9} {'x raw':>7} {'us/step':>9} {'steady us/step':>15} {'same weights':>13}")
     for batch_size in args.batch_sizes:
         batches = make_batches(batch_size)
         init = make_mlp()
         times: dict[str, list[float]] = {name: [] for name in variants}
+        steady: dict[str, list[float]] = {"raw": [], "session": []}
         ratios: dict[str, list[float]] = {name: [] for name in variants}
         identical: dict[str, bool] = {}
         for _ in range(args.rounds):
             raw_time, raw_model = run_raw(init, batches, args.steps)
+            steady["raw"].append(STEADY["raw"])
             times["raw"].append(raw_time)
             ratios["raw"].append(1.0)
             for name, fn in variants.items():
@@ -200,12 +231,16 @@ def main() -> None:
                 times[name].append(elapsed)
                 ratios[name].append(elapsed / raw_time)
                 identical[name] = same_weights(model, raw_model)
+                if name == "session":
+                    steady["session"].append(STEADY["session"] - steady["raw"][-1])
         raw_median = statistics.median(times["raw"])
         for name in variants:
             median = statistics.median(times[name])
             overhead = (median - raw_median) / args.steps * 1e6
             same = "baseline" if name == "raw" else ("yes" if identical[name] else "NO")
-            print(f"{batch_size:>5} {name:<10} {median:>9.3f} {statistics.median(ratios[name]):>7.3f} {overhead:>9.1f} {same:>13}")
+            steady_us = f"{statistics.median(steady[name]) / (args.steps - 1) * 1e6:.1f}" if name == "session" else ""
+            print(f"{batch_size:>5} {name:<10} {median:>9.3f} {statistics.median(ratios[name]):>7.3f} {overhead:>9.1f} "
+                  f"{steady_us:>15} {same:>13}")
 
 
 if __name__ == "__main__":
