@@ -374,7 +374,12 @@ def apply_update(doc: Mapping[str, Any], update: Update | Mapping[str, Any]) -> 
         current = parent.get(path[-1], 0)
         if _kind(current) != "number":
             raise QueryError(f"$inc: {'.'.join(path)!r} holds {type(current).__name__}, not a number")
-        parent[path[-1]] = current + amount
+        result = current + amount
+        if isinstance(result, int) and not -(2**63) <= result < 2**63:
+            raise QueryError(f"$inc: {'.'.join(path)!r} would leave 64 bits ({result})")
+        if isinstance(result, float) and not math.isfinite(result):
+            raise QueryError(f"$inc: {'.'.join(path)!r} would become {result}")
+        parent[path[-1]] = result
     for path, value in upd.pushes:
         parent = _parent(out, path, True, "$push")
         current = parent.setdefault(path[-1], [])

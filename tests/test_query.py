@@ -454,3 +454,14 @@ def test_query_integers_are_limited_to_64_bits() -> None:
         with pytest.raises(QueryError, match="64-bit"):
             parse_query({"a": {"$in": [1, bad]}})
     assert math.isfinite(parse_query({"a": 1e308}).value)
+
+
+def test_inc_that_would_leave_64_bits_or_overflow_is_refused():
+    from ptutils.errors import QueryError
+    from ptutils.query import apply_update
+
+    with pytest.raises(QueryError, match="64 bits"):
+        apply_update({"n": 2**63 - 1}, {"$inc": {"n": 1}})
+    with pytest.raises(QueryError, match="inf"):
+        apply_update({"x": 1.7e308}, {"$inc": {"x": 1.7e308}})
+    assert apply_update({"n": 2**63 - 2}, {"$inc": {"n": 1}})["n"] == 2**63 - 1

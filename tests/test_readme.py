@@ -41,3 +41,10 @@ def test_storage_example_values(tmp_path):
     doc = ns["db"].load_from_id(ns["doc_id"])
     assert doc["epochs"] == 1 and doc["history"] == [0.9]
     assert isinstance(doc["results"][0], np.ndarray) and isinstance(doc["results"][1], torch.Tensor)
+
+
+def test_data_example_reads_batches_from_hdf5(tmp_path):
+    code = BLOCKS[2].replace("/tmp/ptutils-data.h5", str(tmp_path / "data.h5"))
+    ns = run_block(code)
+    assert ns["images"].dtype == torch.uint8 and tuple(ns["images"].shape) == (256, 3, 32, 32)
+    assert ns["labels"].dtype == torch.int64 and tuple(ns["labels"].shape) == (256,)
