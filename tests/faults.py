@@ -64,12 +64,12 @@ def summary(terminalreporter, config: pytest.Config) -> None:
         t[3] += row["lost"]
     tr = terminalreporter
     tr.section("reliability: faults injected, survived, records lost")
-    tr.write_line(f"{'fault':<44} {'tests':>5} {'injected':>9} {'survived':>9} {'lost':>5}")
+    tr.write_line(f"{'fault':<48} {'tests':>5} {'injected':>9} {'survived':>9} {'lost':>5}")
     for category in sorted(totals):
         tests, injected, survived, lost = totals[category]
-        tr.write_line(f"{category:<44} {tests:>5} {injected:>9} {survived:>9} {lost:>5}")
+        tr.write_line(f"{category:<48} {tests:>5} {injected:>9} {survived:>9} {lost:>5}")
     all_t = [sum(v[i] for v in totals.values()) for i in range(4)]
-    tr.write_line(f"{'total':<44} {all_t[0]:>5} {all_t[1]:>9} {all_t[2]:>9} {all_t[3]:>5}")
+    tr.write_line(f"{'total':<48} {all_t[0]:>5} {all_t[1]:>9} {all_t[2]:>9} {all_t[3]:>5}")
     if os.environ.get("PTUTILS_KEEP_FAULTS") != "1":
         shutil.rmtree(directory, ignore_errors=True)
         with contextlib.suppress(OSError):
