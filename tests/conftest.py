@@ -79,3 +79,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 def faults(request: pytest.FixtureRequest) -> _faults.FaultLog:
     """Record injected faults for the reliability table printed at the end of the run."""
     return _faults.FaultLog(_faults.faults_dir(request.config), request.node.nodeid)
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any use of pickle (directly, through torch.load or np.load) fails the test."""
+    import pickle
+
+    import numpy as np
+    import torch
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("pickle was used while decoding or loading")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr(np, "load", forbidden)

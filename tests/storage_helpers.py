@@ -170,3 +170,13 @@ def unprivileged_write_worker(url: str, collection: str, results: Any) -> None:
             except StorageError as exc:
                 results.put((type(exc).__name__, str(exc)))
 
+
+
+class Detonator:
+    """Unpickling this creates ``path``: what an attacker's payload would do."""
+
+    def __init__(self, path: Any):
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple:
+        return (open, (self.path, "w"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
-import io
 import json
 import math
 import pickle
@@ -23,7 +22,7 @@ from ptutils import codec
 from ptutils.codec import TAG, blob_refs, decode, encode
 from ptutils.errors import CodecError, CorruptionError, NotFoundError, StorageError
 
-from .storage_helpers import assert_identical
+from .storage_helpers import Detonator, assert_identical
 
 pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 
@@ -307,35 +306,12 @@ def test_blob_checksum_and_size_are_verified() -> None:
         decode(ref, get_blob=BlobStore().get)
 
 
-class _Detonator:
-    """Unpickling this creates ``path``: what an attacker's payload would do."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self) -> tuple:
-        return (io.open, (self.path, "w"))
-
-
-@pytest.fixture
-def no_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make any use of pickle (directly or through torch.load) fail the test."""
-
-    def forbidden(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("pickle was used while decoding")
-
-    for name in ("load", "loads", "Unpickler"):
-        monkeypatch.setattr(pickle, name, forbidden)
-    monkeypatch.setattr(torch, "load", forbidden)
-    monkeypatch.setattr(np, "load", forbidden)
-
-
 def test_a_planted_pickle_payload_is_never_executed(tmp_path: Path, no_unpickling: None) -> None:
     marker = tmp_path / "pwned"
-    payload = pickle.dumps(_Detonator(marker))
+    payload = pickle.dumps(Detonator(marker))
     # the payload is live: real unpickling would create the marker (checked in a throwaway copy)
     probe = tmp_path / "probe"
-    pickle._loads(pickle.dumps(_Detonator(probe)))  # type: ignore[attr-defined]  # the pure-Python unpickler
+    pickle._loads(pickle.dumps(Detonator(probe)))  # type: ignore[attr-defined]  # the pure-Python unpickler
     assert probe.exists()
     probe.unlink()
 

@@ -60,7 +60,7 @@ from ptutils.query import matches, parse_query, project, sort_docs
 from ptutils.session import Session
 from ptutils.status import request_pause
 
-from .storage_helpers import assert_identical, stored_body
+from .storage_helpers import Detonator, assert_identical, stored_body
 
 FUZZ_EMBEDDED = 1000
 FUZZ_SERVER = 150
@@ -432,29 +432,6 @@ def test_lone_surrogates_are_stored_exactly_or_refused_with_a_ptutils_error(db: 
 
 
 # ====================================================================== malicious pickles
-class Detonator:
-    """Unpickling this creates ``path``: what an attacker's payload would do."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self) -> tuple:
-        return (io.open, (self.path, "w"))
-
-
-@pytest.fixture
-def no_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any use of pickle (directly, through torch.load or np.load) fails the test."""
-
-    def forbidden(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("pickle was used while loading a checkpoint")
-
-    for name in ("load", "loads", "Unpickler"):
-        monkeypatch.setattr(pickle, name, forbidden)
-    monkeypatch.setattr(torch, "load", forbidden)
-    monkeypatch.setattr(np, "load", forbidden)
-
-
 def pickle_payloads(marker: Path, tmp_path: Path) -> dict[str, bytes]:
     """A raw pickle and a torch.save() ``.pt`` file, both live (checked on a throwaway copy)."""
     probe = tmp_path / "probe"
