@@ -77,6 +77,7 @@ from ptutils.errors import (
     StorageError,
 )
 from ptutils.query import (
+    COMPARE,
     And,
     Compare,
     Exists,
@@ -138,15 +139,7 @@ def _float_plan(op: str, value: float) -> bool | tuple[str, float]:
 
 
 def _compare(expr: Any, op: str, value: Any) -> sa.ColumnElement[bool]:
-    if op == "$eq":
-        return expr == value
-    if op == "$gt":
-        return expr > value
-    if op == "$gte":
-        return expr >= value
-    if op == "$lt":
-        return expr < value
-    return expr <= value
+    return COMPARE[op](expr, value)
 
 
 # --------------------------------------------------------------------------- JSON text

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
 
@@ -42,6 +43,8 @@ Path = tuple[str, ...]
 
 COMPARISONS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin")
 ORDERINGS = ("$gt", "$gte", "$lt", "$lte")
+COMPARE = {"$eq": operator.eq, "$gt": operator.gt, "$gte": operator.ge, "$lt": operator.lt, "$lte": operator.le}
+"""The binary comparison of each operator, for values of one kind (Python values or SQL expressions)."""
 UPDATE_OPERATORS = ("$set", "$unset", "$inc", "$push")
 _MISSING = object()
 
@@ -214,13 +217,7 @@ def _evaluate(node: Node, doc: Mapping[str, Any]) -> bool:
         return not any(_equal(actual, v) for v in value)
     if actual is _MISSING or _kind(actual) != _kind(value):
         return False
-    if op == "$gt":
-        return actual > value
-    if op == "$gte":
-        return actual >= value
-    if op == "$lt":
-        return actual < value
-    return actual <= value
+    return COMPARE[op](actual, value)
 
 
 def matches(query: Mapping[str, Any] | Node | None, doc: Mapping[str, Any]) -> bool:
