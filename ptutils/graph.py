@@ -5,20 +5,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from transitions.extensions.diagrams import HierarchicalGraphMachine
-from transitions.extensions.nesting import NestedState
 
-from .stages import SEP, machine_states, machine_transitions
+from .stages import SEP, StageState, machine_states, machine_transitions
 
 if TYPE_CHECKING:
     from .session import Session
 
 
-class _State(NestedState):
-    separator = SEP
-
-
 class _GraphMachine(HierarchicalGraphMachine):
-    state_cls = _State
+    state_cls = StageState
 
 
 class _Model:

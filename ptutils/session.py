@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 from transitions import MachineError
-from transitions.extensions.nesting import HierarchicalMachine, NestedState
+from transitions.extensions.nesting import HierarchicalMachine
 
 from . import status as status_mod
 from .checkpoint import CheckpointStore, rng_state, seed_everything, serialize, set_rng_state
@@ -40,6 +40,7 @@ from .stages import (
     LIFECYCLE,
     STAGE_DONE,
     SEP,
+    StageState,
     Stage,
     StageTransition,
     machine_states,
@@ -60,12 +61,8 @@ def default_db_url() -> str:
     return Path(DEFAULT_DIR).resolve().as_uri()
 
 
-class _State(NestedState):
-    separator = SEP
-
-
 class _Machine(HierarchicalMachine):
-    state_cls = _State
+    state_cls = StageState
 
 
 class _Lifecycle:

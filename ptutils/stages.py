@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
+from transitions.extensions.nesting import NestedState
 
 from .config import StageConfig, import_object
 from .errors import ConfigError
@@ -30,6 +31,14 @@ from .errors import ConfigError
 LIFECYCLE = ("start", "pause", "resume", "complete", "fail", "stop", "restart")
 STAGE_DONE = "stage_done"
 SEP = "/"
+
+
+class StageState(NestedState):
+    """A ``transitions`` nested state whose path separator is :data:`SEP` (stage names may hold '_')."""
+
+    separator = SEP
+
+
 _TRANSITION_KEYS = {"trigger", "source", "dest", "conditions", "unless", "before", "after", "prepare"}
 
 
