@@ -12,6 +12,12 @@ its checksum are replaced together by a single rename::
     b"ptutils-doc 1 <sha256 hex> <nbytes>\\n" + JSON
     b"ptutils-blob 1 <sha256 hex> <nbytes>\\n" + raw bytes
 
+A blob is streamed from the caller's buffers (never joined into one copy) while
+a helper thread hashes them; its header is written with a placeholder digest
+that is filled in before the fsync.  ``get_blob_sha256`` reads a blob into one
+fresh buffer, hashing each chunk while the next one is read, and hands the
+verified digest on so that the caller need not hash the bytes again.
+
 Writes are atomic: the payload goes to a temporary file in the same directory,
 is fsync()ed, renamed over the target with ``os.replace`` and the directory is
 fsync()ed, so a crash or a full disk leaves either the old file or the new one,
@@ -50,7 +56,9 @@ from pathlib import Path as FsPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ptutils.database import DEFAULT_COLLECTION, DBInterface, check_collection, check_id
+import numpy as np
+
+from ptutils.database import DEFAULT_COLLECTION, DBInterface, Sha256Pipe, check_collection, check_id
 from ptutils.errors import (
     BackendUnavailableError,
     CodecError,
@@ -75,6 +83,8 @@ STALE_TMP_SECONDS = 3600.0
 
 _MAX_HEADER = 128
 _WRITE_CHUNK = 1 << 30
+_READ_CHUNK = 4 << 20
+_DIGEST_PLACEHOLDER = b"0" * 64
 
 
 def _describe(exc: OSError) -> str:
@@ -108,9 +118,20 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _header(magic: bytes, payload: bytes | memoryview) -> bytes:
-    digest = hashlib.sha256(payload).hexdigest().encode("ascii")
-    return b" ".join((magic, FORMAT_VERSION, digest, str(len(payload)).encode("ascii"))) + b"\n"
+def _header(magic: bytes, digest: bytes, nbytes: int) -> bytes:
+    return b" ".join((magic, FORMAT_VERSION, digest, str(nbytes).encode("ascii"))) + b"\n"
+
+
+def _parse_header(path: str, header: bytes, magic: bytes, nbytes: int) -> bytes:
+    """The hex digest a file's header line promises for its ``nbytes`` of payload; errors name the file."""
+    fields = header[:-1].split(b" ") if header.endswith(b"\n") else []
+    if len(fields) != 4 or fields[0] != magic:
+        raise CorruptionError(path, f"missing or malformed {magic.decode()} header (torn or foreign file)")
+    if fields[1] != FORMAT_VERSION:
+        raise SchemaVersionError(f"{path}: written in format {fields[1]!r}, this ptutils reads {FORMAT_VERSION!r}")
+    if not fields[3].isdigit() or int(fields[3]) != nbytes:
+        raise CorruptionError(path, f"holds {nbytes} bytes, header says {fields[3].decode(errors='replace')} (truncated?)")
+    return fields[2]
 
 
 class FileSystemInterface(DBInterface):
@@ -226,8 +247,8 @@ class FileSystemInterface(DBInterface):
             os.close(fd)
 
     # ----------------------------------------------------------------- files
-    def _atomic_write(self, final: str, magic: bytes, payload: bytes) -> None:
-        """Replace ``final`` by header + payload so that readers see all of it or the old file."""
+    def _atomic_write(self, final: str, write: Callable[[int], None]) -> None:
+        """Replace ``final`` by what ``write(fd)`` writes, so that readers see all of it or the old file."""
         directory = os.path.dirname(final)
         tmp = os.path.join(directory, TMP_PREFIX + uuid.uuid4().hex)
         try:
@@ -236,8 +257,7 @@ class FileSystemInterface(DBInterface):
             raise _os_error("write", final, exc, f"creating a temporary file in {directory!r} failed") from exc
         try:
             try:
-                _write_all(fd, _header(magic, payload))
-                _write_all(fd, payload)
+                write(fd)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -250,6 +270,37 @@ class FileSystemInterface(DBInterface):
             raise
         _fsync_dir(directory)
 
+    def _write_payload(self, final: str, magic: bytes, payload: bytes) -> None:
+        """Atomically replace ``final`` by a header with the payload's checksum, then the payload."""
+        digest = hashlib.sha256(payload).hexdigest().encode("ascii")
+
+        def write(fd: int) -> None:
+            _write_all(fd, _header(magic, digest, len(payload)))
+            _write_all(fd, payload)
+
+        self._atomic_write(final, write)
+
+    def _write_parts(self, final: str, magic: bytes, parts: list[memoryview]) -> str:
+        """Atomically replace ``final`` by a header and the parts, hashed while written; return the digest."""
+        nbytes = sum(p.nbytes for p in parts)
+        digest = ""
+
+        def write(fd: int) -> None:
+            nonlocal digest
+            with Sha256Pipe(nbytes) as sha:
+                _write_all(fd, _header(magic, _DIGEST_PLACEHOLDER, nbytes))
+                for part in parts:
+                    sha.update(part)
+                    _write_all(fd, part)
+                if sha.threaded:
+                    os.fdatasync(fd)  # the payload goes to the disk while the helper thread finishes hashing
+                digest = sha.hexdigest()
+            if os.pwrite(fd, digest.encode("ascii"), len(magic) + len(FORMAT_VERSION) + 2) != len(digest):
+                raise OSError(errno.EIO, "short write of the checksum")
+
+        self._atomic_write(final, write)
+        return digest
+
     @staticmethod
     def _read_verified(path: str, magic: bytes) -> bytes | None:
         """The payload of ``path`` after checking its header and checksum; None if absent."""
@@ -261,16 +312,38 @@ class FileSystemInterface(DBInterface):
             return None
         except OSError as exc:
             raise _os_error("read", path, exc) from exc
-        fields = header[:-1].split(b" ") if header.endswith(b"\n") else []
-        if len(fields) != 4 or fields[0] != magic:
-            raise CorruptionError(path, f"missing or malformed {magic.decode()} header (torn or foreign file)")
-        if fields[1] != FORMAT_VERSION:
-            raise SchemaVersionError(f"{path}: written in format {fields[1]!r}, this ptutils reads {FORMAT_VERSION!r}")
-        if not fields[3].isdigit() or int(fields[3]) != len(payload):
-            raise CorruptionError(path, f"holds {len(payload)} bytes, header says {fields[3].decode(errors='replace')} (truncated?)")
-        if hashlib.sha256(payload).hexdigest().encode("ascii") != fields[2]:
+        digest = _parse_header(path, header, magic, len(payload))
+        if hashlib.sha256(payload).hexdigest().encode("ascii") != digest:
             raise CorruptionError(path, "sha256 checksum mismatch (corrupt file)")
         return payload
+
+    @staticmethod
+    def _read_verified_into(path: str, magic: bytes) -> tuple[memoryview, str] | None:
+        """Like :meth:`_read_verified`, into a fresh writable buffer, hashing while reading; also the digest."""
+        try:
+            with open(path, "rb", buffering=0) as f:
+                head = f.read(_MAX_HEADER)
+                header = head[: head.find(b"\n") + 1]
+                size = os.fstat(f.fileno()).st_size - len(header)
+                digest = _parse_header(path, header, magic, size)
+                view = memoryview(np.empty(size, dtype=np.uint8)).cast("B")
+                f.seek(len(header))
+                with Sha256Pipe(size) as sha:
+                    pos = 0
+                    while pos < size:
+                        count = f.readinto(view[pos : pos + _READ_CHUNK])
+                        if not count:
+                            raise CorruptionError(path, f"ended after {pos} of {size} bytes (truncated while read?)")
+                        sha.update(view[pos : pos + count])
+                        pos += count
+                    actual = sha.hexdigest()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _os_error("read", path, exc) from exc
+        if actual.encode("ascii") != digest:
+            raise CorruptionError(path, "sha256 checksum mismatch (corrupt file)")
+        return view, actual
 
     def _read_doc(self, doc_id: str) -> dict | None:
         path = self._doc_path(doc_id)
@@ -290,7 +363,7 @@ class FileSystemInterface(DBInterface):
             payload = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode("ascii")
         except (TypeError, ValueError) as exc:
             raise CodecError(doc.get("_id", ""), f"document is not plain JSON after encoding ({exc})") from exc
-        self._atomic_write(self._doc_path(doc["_id"]), DOC_MAGIC, payload)
+        self._write_payload(self._doc_path(doc["_id"]), DOC_MAGIC, payload)
 
     def _doc_ids(self) -> list[str]:
         try:
@@ -403,15 +476,27 @@ class FileSystemInterface(DBInterface):
         return current, new
 
     def _put_blob(self, blob_id: str, data: bytes) -> None:
+        self._put_blob_sha256(blob_id, [memoryview(data)])
+
+    def _put_blob_parts(self, blob_id: str, parts: list[memoryview]) -> None:
+        self._put_blob_sha256(blob_id, parts)
+
+    def _put_blob_sha256(self, blob_id: str, parts: list[memoryview]) -> str:
         path = self._blob_path(blob_id)
         self._ensure_dirs()
-        self._atomic_write(path, BLOB_MAGIC, data)
+        return self._write_parts(path, BLOB_MAGIC, parts)
 
     def _get_blob(self, blob_id: str) -> bytes:
         data = self._read_verified(self._blob_path(blob_id), BLOB_MAGIC)
         if data is None:
             raise NotFoundError("blob", blob_id, self._where())
         return data
+
+    def _get_blob_sha256(self, blob_id: str) -> tuple[memoryview, str]:
+        found = self._read_verified_into(self._blob_path(blob_id), BLOB_MAGIC)
+        if found is None:
+            raise NotFoundError("blob", blob_id, self._where())
+        return found
 
     def _delete_blobs(self, blob_ids: Iterable[str]) -> None:
         removed = False

@@ -16,11 +16,15 @@ bumped by every write), which makes optimistic updates possible
 from __future__ import annotations
 
 import abc
+import hashlib
+import queue
 import re
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
-from typing import Any, ClassVar
+from types import TracebackType
+from typing import Any, ClassVar, Union
 from urllib.parse import urlsplit
 
 from . import codec
@@ -31,6 +35,10 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")
 COLLECTION_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 DEFAULT_COLLECTION = "documents"
 _READ_ATTEMPTS = 8
+
+Buffer = Union[bytes, bytearray, memoryview]
+BlobData = Union[Buffer, Iterable[Buffer]]
+"""What ``put_blob`` takes: one bytes-like object, or an iterable of them stored one after another."""
 
 
 def new_id() -> str:
@@ -64,6 +72,95 @@ def check_collection(name: Any) -> str:
     if not isinstance(name, str) or not COLLECTION_PATTERN.fullmatch(name):
         raise InvalidIdError("collection name", name, "use a letter or '_' then up to 62 of [A-Za-z0-9_]")
     return name
+
+
+def blob_parts(data: BlobData) -> list[memoryview]:
+    """``data`` as a list of flat byte views over the caller's memory (no copy unless non-contiguous)."""
+    try:
+        pieces = [memoryview(data)]  # type: ignore[arg-type]
+    except TypeError:
+        if isinstance(data, str):
+            raise TypeError("a blob holds bytes, not str") from None
+        pieces = [memoryview(piece) for piece in data]  # type: ignore[union-attr]
+    return [_flat(p) for p in pieces if p.nbytes]
+
+
+def _flat(view: memoryview) -> memoryview:
+    """``view`` as a 1-D view of unsigned bytes, copied only where it cannot be cast (non-contiguous)."""
+    if view.format == "B" and view.ndim == 1 and view.c_contiguous:
+        return view
+    try:
+        return view.cast("B")
+    except TypeError:
+        return memoryview(view.tobytes())
+
+
+def _joined(parts: list[memoryview]) -> bytes:
+    """The concatenation of ``parts``; a single ``bytes`` part is passed on without a copy."""
+    if len(parts) == 1 and isinstance(parts[0].obj, bytes) and parts[0].nbytes == len(parts[0].obj):
+        return parts[0].obj
+    return b"".join(parts)
+
+
+class Sha256Pipe:
+    """SHA-256 of buffers fed in order, computed on a helper thread while the caller reads or writes.
+
+    hashlib releases the GIL while it hashes a large buffer, so the hashing and
+    the caller's I/O proceed in parallel.  Inputs under ``threshold`` bytes in
+    all are hashed inline.  The buffers must not change until :meth:`hexdigest`.
+    """
+
+    def __init__(self, nbytes: int, threshold: int = 1 << 20):
+        self._sha = hashlib.sha256()
+        self._queue: queue.SimpleQueue[memoryview | None] | None = None
+        self._error: BaseException | None = None
+        self._abandoned = False
+        if nbytes >= threshold:
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._run, name="ptutils-sha256", daemon=True)
+            self._thread.start()
+
+    @property
+    def threaded(self) -> bool:
+        """Whether a helper thread hashes (the input is large enough)."""
+        return self._queue is not None
+
+    def _run(self) -> None:
+        assert self._queue is not None
+        while (buf := self._queue.get()) is not None:
+            if self._error is None and not self._abandoned:
+                try:
+                    self._sha.update(buf)
+                except BaseException as exc:  # re-raised by hexdigest() in the caller's thread
+                    self._error = exc
+
+    def update(self, buf: Buffer) -> None:
+        """Hash ``buf`` after everything fed before it."""
+        if self._queue is None:
+            self._sha.update(buf)
+        else:
+            self._queue.put(memoryview(buf))
+
+    def close(self) -> None:
+        """Wait for the helper thread (if any) to finish what it was fed."""
+        if self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._queue = None
+
+    def hexdigest(self) -> str:
+        """The hex digest of everything fed."""
+        self.close()
+        if self._error is not None:
+            raise self._error
+        return self._sha.hexdigest()
+
+    def __enter__(self) -> Sha256Pipe:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._abandoned = exc is not None
+        self.close()
 
 
 class DBInterface(abc.ABC):
@@ -203,15 +300,29 @@ class DBInterface(abc.ABC):
             self._delete_blobs(stored_refs(old) - stored_refs(new))
         return self._decode(new)
 
-    def put_blob(self, data: bytes, blob_id: str | None = None) -> str:
-        """Store raw bytes (atomically: readers see all of them or nothing) and return the id."""
+    def put_blob(self, data: BlobData, blob_id: str | None = None) -> str:
+        """Store bytes atomically (readers see all of them or nothing) and return the id.
+
+        ``data`` is one bytes-like object or an iterable of them (say, views of
+        tensors), stored one after the other; backends that can stream write
+        them without joining them into one copy.
+        """
         blob_id = check_id(blob_id, "blob id") if blob_id is not None else new_id()
-        self._put_blob(blob_id, bytes(data) if not isinstance(data, bytes) else data)
+        self._put_blob_parts(blob_id, blob_parts(data))
         return blob_id
+
+    def put_blob_sha256(self, data: BlobData, blob_id: str | None = None) -> tuple[str, str]:
+        """Like :meth:`put_blob`, and also return the SHA-256 (hex) of the stored bytes, hashed once."""
+        blob_id = check_id(blob_id, "blob id") if blob_id is not None else new_id()
+        return blob_id, self._put_blob_sha256(blob_id, blob_parts(data))
 
     def get_blob(self, blob_id: str) -> bytes:
         """The bytes of a blob; raises NotFoundError if there is none."""
         return self._get_blob(check_id(blob_id, "blob id"))
+
+    def get_blob_sha256(self, blob_id: str) -> tuple[memoryview, str]:
+        """A blob's bytes in a fresh writable buffer and their SHA-256 (hex), hashed once while read."""
+        return self._get_blob_sha256(check_id(blob_id, "blob id"))
 
     def delete_blob(self, blob_id: str) -> None:
         """Remove a blob (no error if it is already gone)."""
@@ -344,6 +455,26 @@ class DBInterface(abc.ABC):
     @abc.abstractmethod
     def _get_blob(self, blob_id: str) -> bytes:
         """Bytes of ``blob_id``; raise NotFoundError("blob", blob_id, ...) if absent."""
+
+    def _put_blob_parts(self, blob_id: str, parts: list[memoryview]) -> None:
+        """Store the concatenation of ``parts`` like :meth:`_put_blob` (which this default joins them for)."""
+        self._put_blob(blob_id, _joined(parts))
+
+    def _put_blob_sha256(self, blob_id: str, parts: list[memoryview]) -> str:
+        """:meth:`_put_blob_parts`, returning the bytes' SHA-256 (hex); this default hashes them meanwhile."""
+        with Sha256Pipe(sum(p.nbytes for p in parts)) as sha:
+            for part in parts:
+                sha.update(part)
+            self._put_blob_parts(blob_id, parts)
+            return sha.hexdigest()
+
+    def _get_blob_sha256(self, blob_id: str) -> tuple[memoryview, str]:
+        """:meth:`_get_blob` into a writable buffer, with the bytes' SHA-256 (hex); this default copies and hashes."""
+        data = self._get_blob(blob_id)
+        with Sha256Pipe(len(data)) as sha:
+            sha.update(data)
+            copy = bytearray(data)
+            return memoryview(copy), sha.hexdigest()
 
     @abc.abstractmethod
     def _delete_blobs(self, blob_ids: Iterable[str]) -> None:

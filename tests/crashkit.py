@@ -44,7 +44,7 @@ def _kill_inside_fs_write(nth: int, is_target) -> None:
     original = filesystem._write_all
     seen = {"count": 0}
 
-    def write_all(fd: int, data: bytes) -> None:
+    def write_all(fd: int, data: bytes | memoryview) -> None:
         if is_target(data):
             seen["count"] += 1
             if seen["count"] == nth:
@@ -69,10 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.kill_in_checkpoint_write:
-        _kill_inside_fs_write(args.kill_in_checkpoint_write, lambda data: data[:8] != b"ptutils-" and len(data) > 4096
-                              and b'"format":"ptutils-checkpoint/1"' in data[:4096])
+        _kill_inside_fs_write(args.kill_in_checkpoint_write, lambda data: bytes(data[:8]) != b"ptutils-"
+                              and len(data) > 4096 and b'"format":"ptutils-checkpoint/1"' in bytes(data[:4096]))
     if args.kill_in_status_write:
-        _kill_inside_fs_write(args.kill_in_status_write, lambda data: b'"kind":"session"' in data)
+        _kill_inside_fs_write(args.kill_in_status_write, lambda data: b'"kind":"session"' in bytes(data))
 
     def faults(session):
         if args.step_sleep:

@@ -10,6 +10,7 @@ are those of :mod:`ptutils.query` (its module docstring) and
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import uuid
 
 import numpy as np
@@ -559,6 +560,28 @@ def test_blob_put_get_delete(db: DBInterface) -> None:
         db.get_blob("ckpt.latest")
     assert db.get_blob(blob_id) == payload
     assert db.count() == 0
+
+
+def test_blob_from_pieces_and_with_its_sha256(db: DBInterface) -> None:
+    rng = np.random.default_rng(5)
+    matrix = rng.standard_normal((300, 1000))
+    pieces = [b"head", bytearray(b""), memoryview(rng.bytes(2_000_000)), matrix, matrix[:, ::2], memoryview(b"tail")]
+    whole = b"".join(bytes(memoryview(np.ascontiguousarray(p))) for p in pieces)
+    assert db.put_blob(iter(pieces), "pieces") == "pieces"
+    assert db.get_blob("pieces") == whole
+    blob_id, digest = db.put_blob_sha256(pieces)
+    assert digest == hashlib.sha256(whole).hexdigest()
+    data, read_digest = db.get_blob_sha256(blob_id)
+    assert read_digest == digest and data == whole and not data.readonly
+    data[:4] = b"HEAD"  # a fresh buffer: the stored blob is unchanged
+    assert db.get_blob(blob_id) == whole
+    assert db.put_blob_sha256(b"")[1] == hashlib.sha256(b"").hexdigest()
+    with pytest.raises(TypeError):
+        db.put_blob("text is not bytes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        db.put_blob([b"ok", "text"])  # type: ignore[list-item]
+    with pytest.raises(NotFoundError, match="absent"):
+        db.get_blob_sha256("absent")
 
 
 # ------------------------------------------------------------------ update

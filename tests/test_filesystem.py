@@ -237,26 +237,41 @@ def test_killed_writer_never_leaves_a_torn_file(root: Path) -> None:
 def test_bit_flipped_truncated_or_headerless_blob_is_detected_naming_the_file(
     db: FileSystemInterface, root: Path
 ) -> None:
-    data = bytes(range(256)) * 1000
+    data = bytes(range(256)) * 10_000  # over the size hashed on a helper thread
     path = blob_file(root, "ckpt")
     original = None
-    for damage in ("flip", "truncate", "header", "empty"):
+    for damage in ("flip", "flip last", "truncate", "extend", "header", "empty"):
         db.put_blob(data, "ckpt")
         original = path.read_bytes()
-        if damage == "flip":
+        if damage.startswith("flip"):
             raw = bytearray(original)
-            raw[len(raw) // 2] ^= 0x10
+            raw[-1 if damage == "flip last" else len(raw) // 2] ^= 0x10
             path.write_bytes(bytes(raw))
         elif damage == "truncate":
             path.write_bytes(original[:-100])
+        elif damage == "extend":
+            path.write_bytes(original + b"\0")
         elif damage == "header":
             path.write_bytes(original.split(b"\n", 1)[1])
         else:
             path.write_bytes(b"")
-        with pytest.raises(CorruptionError) as info:
-            db.get_blob("ckpt")
-        assert str(path) in str(info.value), damage
+        for read in (db.get_blob, db.get_blob_sha256):
+            with pytest.raises(CorruptionError) as info:
+                read("ckpt")
+            assert str(path) in str(info.value), (damage, read)
     assert original is not None
+
+
+def test_a_blob_streamed_from_pieces_gets_the_checksum_of_all_of_them(db: FileSystemInterface, root: Path) -> None:
+    pieces = [np.arange(n, dtype=np.float32) for n in (1, 300_000, 0, 7, 1_000_000)]
+    whole = b"".join(p.tobytes() for p in pieces)
+    blob_id, digest = db.put_blob_sha256(pieces, "streamed")
+    header, payload = blob_file(root, "streamed").read_bytes().split(b"\n", 1)
+    assert header == b"ptutils-blob 1 " + hashlib.sha256(whole).hexdigest().encode() + b" %d" % len(whole)
+    assert payload == whole and digest == hashlib.sha256(whole).hexdigest()
+    data, read_digest = db.get_blob_sha256(blob_id)
+    assert data == whole and read_digest == digest
+    assert temp_files(root) == []
 
 
 def test_corrupt_array_blob_fails_the_document_load_naming_the_file(db: FileSystemInterface, root: Path) -> None:
