@@ -7,22 +7,29 @@ Ignite's split between the objects and the save handler.
 
 A checkpoint blob is a safetensors file: every tensor is a safetensors entry,
 and the rest of the structure (numbers, strings, numpy RNG arrays) is JSON from
-:mod:`ptutils.codec` in the safetensors metadata.  Loading parses it with
-``safetensors`` — never pickle.  The record, written *after* the blob, carries
-the blob's SHA-256 and size: a torn, truncated or bit-flipped checkpoint fails
-verification and the previous one is used instead (with a warning).
+:mod:`ptutils.codec` in the safetensors metadata.  Loading parses it with a
+strict safetensors reader — never pickle.  The record, written *after* the
+blob, carries the blob's SHA-256 and size: a torn, truncated or bit-flipped
+checkpoint fails verification and the previous one is used instead (with a
+warning).
+
+The bytes are hashed once on each side: :meth:`DBInterface.put_blob_sha256`
+hashes them while they are written (the filesystem backend streams the
+tensors' own memory, without joining it into one copy) and
+:meth:`DBInterface.get_blob_sha256` while they are read into one buffer, which
+the loaded tensors then share (tensors are laid out by decreasing element
+size, so each is aligned to its element size).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import math
 import random
 import struct
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -30,18 +37,16 @@ import safetensors.torch
 import torch
 
 from . import codec
-from .database import DBInterface
+from .database import BlobData, DBInterface, blob_parts
 from .errors import CheckpointError, CorruptionError, NotFoundError, StorageError
 
 log = logging.getLogger("ptutils")
 
 FORMAT = "ptutils-checkpoint/1"
-_ST_DTYPES = {dtype: name for name, dtype in safetensors.torch._TYPES.items()}
-_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptutils-hash")
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+_ST_TORCH: dict[str, torch.dtype] = dict(safetensors.torch._TYPES)
+_ST_DTYPES = {dtype: name for name, dtype in _ST_TORCH.items()}
+_MAX_HEADER = 100_000_000
+"""The largest safetensors header accepted (the limit of the safetensors library)."""
 _REF = "$ptutils"
 
 
@@ -88,19 +93,29 @@ def _unflatten(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     return codec.decode(obj)
 
 
-def serialize(state: Mapping[str, Any]) -> bytes:
-    """A safetensors file holding ``state``: tensors as entries, the rest as JSON metadata."""
+def serialize_parts(state: Mapping[str, Any]) -> list[memoryview]:
+    """:func:`serialize` in pieces — the header, then each tensor's own memory, not copied.
+
+    The pieces alias the state's (CPU) tensors: write them before the state
+    changes, or use :func:`serialize` for a snapshot.
+    """
     tensors: list[torch.Tensor] = []
     structure = _flatten(state, tensors, "")
     header: dict[str, Any] = {"__metadata__": {"format": FORMAT, "structure": json.dumps(structure)}}
-    views: list[Any] = []
-    offset = 0
+    entries = []
     for i, t in enumerate(tensors):
         t = t.detach().to("cpu").contiguous()
+        itemsize = t.element_size()
         name = _ST_DTYPES.get(t.dtype)
         shape = list(t.shape)
         if name is None:
-            t, name, shape = t.reshape(-1).view(torch.uint8), "U8", [t.numel() * t.element_size()]
+            t, name, shape = t.reshape(-1).view(torch.uint8), "U8", [t.numel() * itemsize]
+        entries.append((itemsize, i, t, name, shape))
+    # Largest elements first (as safetensors does): every tensor then starts at a multiple of its element size.
+    entries.sort(key=lambda entry: -entry[0])
+    views: list[memoryview] = []
+    offset = 0
+    for _, i, t, name, shape in entries:
         nbytes = t.numel() * t.element_size()
         header[f"t{i}"] = {"dtype": name, "shape": shape, "data_offsets": [offset, offset + nbytes]}
         if nbytes:
@@ -108,16 +123,73 @@ def serialize(state: Mapping[str, Any]) -> bytes:
         offset += nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    return b"".join([struct.pack("<Q", len(head)), head, *views])
+    return [memoryview(struct.pack("<Q", len(head)) + head), *views]
 
 
-def deserialize(data: bytes, where: str = "checkpoint") -> dict[str, Any]:
-    """Parse :func:`serialize` output with safetensors; CorruptionError if it is not one."""
+def serialize(state: Mapping[str, Any]) -> bytes:
+    """A safetensors file holding ``state`` (a snapshot): tensors as entries, the rest as JSON metadata."""
+    return b"".join(serialize_parts(state))
+
+
+def _read_safetensors(view: memoryview) -> tuple[dict[str, torch.Tensor], Any]:
+    """The tensors (sharing ``view``'s memory) and metadata of a safetensors file; ValueError if malformed."""
+    if len(view) < 8:
+        raise ValueError(f"{len(view)} bytes, shorter than the 8-byte header length")
+    (size,) = struct.unpack_from("<Q", view)
+    if size > min(len(view) - 8, _MAX_HEADER):
+        raise ValueError(f"header length {size} does not fit in {len(view)} bytes")
+    header = json.loads(bytes(view[8 : 8 + size]).decode("utf-8"))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    meta = header.pop("__metadata__", None)
+    start = 8 + size
+    spans = []
+    for name, entry in header.items():
+        dtype = _ST_TORCH.get(entry.get("dtype")) if isinstance(entry, dict) else None
+        shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if dtype is not None else (None, None)
+        if not (
+            isinstance(shape, list)
+            and all(type(n) is int and n >= 0 for n in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(n) is int for n in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise ValueError(f"tensor {name!r}: malformed entry {entry!r:.200}")
+        if math.prod(shape) * dtype.itemsize != offsets[1] - offsets[0]:
+            raise ValueError(f"tensor {name!r}: {shape} {entry['dtype']} does not fill {offsets}")
+        spans.append((offsets[0], offsets[1], name, dtype, shape))
+    spans.sort(key=lambda span: span[:2])
+    end = 0
+    for begin, stop, name, _, _ in spans:
+        if begin != end:
+            raise ValueError(f"tensor {name!r} starts at {begin}, not at {end} where the previous one ends")
+        end = stop
+    if start + end != len(view):
+        raise ValueError(f"the tensors end at byte {start + end} of {len(view)}")
+    tensors = {}
+    for begin, stop, name, dtype, shape in spans:
+        if begin == stop:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        t = torch.frombuffer(view, dtype=dtype, count=(stop - begin) // dtype.itemsize, offset=start + begin)
+        if dtype is torch.bool and bool(t.view(torch.uint8).gt(1).any()):
+            raise ValueError(f"tensor {name!r}: bool bytes other than 0 and 1")
+        tensors[name] = t.view(shape)
+    return tensors, meta
+
+
+def deserialize(data: bytes | bytearray | memoryview, where: str = "checkpoint") -> dict[str, Any]:
+    """Parse :func:`serialize` output (CorruptionError if it is not one).
+
+    The tensors share ``data``'s memory when it is writable, else a copy's.
+    """
     try:
-        tensors = safetensors.torch.load(data)
-        (size,) = struct.unpack("<Q", data[:8])
-        meta = json.loads(data[8 : 8 + size])["__metadata__"]
-    except Exception as exc:  # safetensors raises its own error types on bad input
+        view = memoryview(data).cast("B")
+        if view.readonly:
+            view = memoryview(bytearray(view))
+        tensors, meta = _read_safetensors(view)
+    except Exception as exc:  # any malformed input (the parser's errors, torch's, json's, struct's)
         raise CorruptionError(where, f"not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CorruptionError(where, f"unknown checkpoint format {meta.get('format') if isinstance(meta, dict) else meta!r}")
@@ -189,26 +261,32 @@ class CheckpointStore:
         return self.db.load({"session_id": self.session_id}, sort=[("seq", -1)])
 
     def save(self, state: Mapping[str, Any], *, pinned: bool = False, **info: Any) -> dict:
-        """Write ``state`` (blob first, then its record) and prune old unpinned checkpoints."""
-        return self.write(serialize(state), pinned=pinned, **info)
+        """Write ``state`` (blob first, then its record) and prune old unpinned checkpoints.
 
-    def write(self, data: bytes, *, pinned: bool = False, **info: Any) -> dict:
-        """Store already-serialised checkpoint bytes (see :func:`serialize`); safe from a writer thread."""
+        The tensors' memory is written as it is, without a snapshot copy: the
+        state must not change until this returns.
+        """
+        return self.write(serialize_parts(state), pinned=pinned, **info)
+
+    def write(self, data: BlobData, *, pinned: bool = False, **info: Any) -> dict:
+        """Store serialised checkpoint bytes (:func:`serialize`, or :func:`serialize_parts`'s pieces).
+
+        Safe from a writer thread, given bytes or pieces that do not change meanwhile.
+        """
+        parts = blob_parts(data)
         if self._next_seq is None:
             latest = self.db.load_one({"session_id": self.session_id}, sort=[("seq", -1)])
             self._next_seq = 0 if latest is None else latest["seq"] + 1
         seq = self._next_seq
         record_id = f"{self.session_id}.ckpt{seq:08d}"
-        # hashlib releases the GIL: the checksum is computed while the backend writes.
-        digest = _HASHER.submit(_sha256, data)
-        blob_id = self.db.put_blob(data, f"{record_id}.st")
+        blob_id, digest = self.db.put_blob_sha256(parts, f"{record_id}.st")
         record = {
             "_id": record_id,
             "session_id": self.session_id,
             "seq": seq,
             "blob": blob_id,
-            "nbytes": len(data),
-            "sha256": digest.result(),
+            "nbytes": sum(p.nbytes for p in parts),
+            "sha256": digest,
             "created": time.time(),
             "pinned": pinned,
             **info,
@@ -231,19 +309,12 @@ class CheckpointStore:
     def read(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """Load and verify one checkpoint (CorruptionError if torn or altered)."""
         where = f"checkpoint {record['_id']!r} (blob {record['blob']!r})"
-        data = self.db.get_blob(record["blob"])
+        data, digest = self.db.get_blob_sha256(record["blob"])  # hashed while read
         if len(data) != record["nbytes"]:
             raise CorruptionError(where, f"holds {len(data)} bytes, expected {record['nbytes']} (truncated?)")
-        digest = _HASHER.submit(_sha256, data)  # checked in parallel with parsing, before anything is returned
-        try:
-            state = deserialize(data, where)
-        except CorruptionError as exc:
-            if digest.result() != record["sha256"]:
-                raise CorruptionError(where, "checksum mismatch (torn or corrupt)") from exc
-            raise
-        if digest.result() != record["sha256"]:
+        if digest != record["sha256"]:
             raise CorruptionError(where, "checksum mismatch (torn or corrupt)")
-        return state
+        return deserialize(data, where)
 
     def load_latest(self, **match: Any) -> tuple[dict[str, Any], dict] | None:
         """The newest readable checkpoint (matching ``match`` fields) as ``(state, record)``, or None.

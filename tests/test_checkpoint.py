@@ -1,0 +1,171 @@
+"""The checkpoint format: safetensors round trips, interoperability, the zero-copy load, strict parsing."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from ptutils import checkpoint as ckpt
+from ptutils import open_db
+from ptutils.checkpoint import CheckpointStore, deserialize, serialize, serialize_parts
+from ptutils.errors import CorruptionError
+
+
+def mixed_state() -> dict:
+    """Every dtype family, odd sizes (so the layout needs care to stay aligned), views and nesting."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    return {
+        "bytes3": torch.tensor([1, 2, 3], dtype=torch.uint8),
+        "f64": base,
+        "f32_view": base.t().float(),
+        "strided": base[:, ::2],
+        "bf16": torch.randn(7, generator=g).to(torch.bfloat16),
+        "f16": torch.randn(3, generator=g).half(),
+        "i8": torch.tensor([-1, 5, 7], dtype=torch.int8),
+        "mask": torch.tensor([True, False, True]),
+        "c64": torch.randn(3, generator=g, dtype=torch.complex64),
+        "c128": torch.randn(2, generator=g, dtype=torch.complex128),  # no safetensors dtype: stored as bytes
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+        "i64": torch.arange(5),
+        "opt": {0: {"step": torch.tensor(10.0), "exp_avg": torch.ones(3)}, 1: (torch.zeros(2), "x", 2.5)},
+        "rng": np.random.RandomState(1).get_state(),
+    }
+
+
+def assert_same(a: object, b: object) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b)
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b)
+    else:
+        assert a == b
+
+
+def tensors_of(obj: object) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in tensors_of(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in tensors_of(v)]
+    return []
+
+
+def test_round_trip_keeps_dtypes_shapes_values_and_structure() -> None:
+    state = mixed_state()
+    loaded = deserialize(serialize(state))
+    rng = loaded.pop("rng")
+    expected_rng = state.pop("rng")
+    assert rng[0] == expected_rng[0] and np.array_equal(rng[1], expected_rng[1]) and tuple(rng[2:]) == expected_rng[2:]
+    assert_same(state, loaded)
+
+
+def test_loaded_tensors_share_one_writable_buffer_each_aligned_and_disjoint() -> None:
+    buf = bytearray(serialize(mixed_state()))
+    loaded = deserialize(buf)
+    spans = []
+    for t in tensors_of(loaded):
+        if t.numel():
+            assert t.data_ptr() % t.element_size() == 0, t.dtype
+            spans.append((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()))
+    spans.sort()
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # no two tensors overlap
+    base = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+    assert all(base <= start and end <= base + len(buf) for start, end in spans)  # no copy was made
+    loaded["i64"].add_(1)  # writable, and a write lands in the buffer only
+    assert torch.equal(loaded["i64"], torch.arange(1, 6))
+    assert torch.equal(deserialize(bytes(buf))["i64"], torch.arange(1, 6))
+
+
+def test_read_only_input_is_copied_so_tensors_stay_writable() -> None:
+    data = serialize({"w": torch.arange(4.0)})
+    loaded = deserialize(data)
+    loaded["w"].mul_(2)
+    assert torch.equal(deserialize(data)["w"], torch.arange(4.0))
+
+
+def test_serialize_is_a_snapshot_and_the_parts_are_the_same_bytes() -> None:
+    state = {"w": torch.arange(6.0), "n": 3}
+    parts = serialize_parts(state)
+    data = serialize(state)
+    assert b"".join(parts) == data
+    state["w"].add_(100)
+    assert torch.equal(deserialize(data)["w"], torch.arange(6.0))
+    assert torch.equal(deserialize(b"".join(parts))["w"], torch.arange(6.0) + 100)  # parts alias the tensors
+
+
+def test_files_interoperate_with_the_safetensors_library() -> None:
+    state = {"a": torch.arange(3, dtype=torch.int16), "b": torch.ones(2, 2), "c": torch.tensor([1.0], dtype=torch.float64)}
+    ours = serialize(state)
+    theirs = safetensors.torch.load(ours)
+    assert sorted(theirs) == ["t0", "t1", "t2"] and torch.equal(theirs["t1"], state["b"])
+    structure = {k: {"$ptutils": "ref", "key": f"t{i}"} for i, k in enumerate(state)}
+    written = safetensors.torch.save(
+        {f"t{i}": t for i, t in enumerate(state.values())},
+        metadata={"format": ckpt.FORMAT, "structure": json.dumps(structure)},
+    )
+    assert_same(state, deserialize(written))
+
+
+def safetensors_bytes(entries: dict, payload: bytes, metadata: dict | None = None) -> bytes:
+    header = {"__metadata__": metadata or {"format": ckpt.FORMAT, "structure": json.dumps({})}, **entries}
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + payload
+
+
+MALFORMED = {
+    "gap between tensors": safetensors_bytes(
+        {"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}, "b": {"dtype": "U8", "shape": [2], "data_offsets": [3, 5]}},
+        b"\0" * 5,
+    ),
+    "overlapping tensors": safetensors_bytes(
+        {"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}, "b": {"dtype": "U8", "shape": [2], "data_offsets": [2, 4]}},
+        b"\0" * 4,
+    ),
+    "size does not match the shape": safetensors_bytes({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8),
+    "unknown dtype": safetensors_bytes({"a": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}}, b"\0" * 16),
+    "negative dimension": safetensors_bytes({"a": {"dtype": "U8", "shape": [-1], "data_offsets": [0, 0]}}, b""),
+    "offsets reversed": safetensors_bytes({"a": {"dtype": "U8", "shape": [0], "data_offsets": [2, 0]}}, b""),
+    "bool byte other than 0/1": safetensors_bytes({"a": {"dtype": "BOOL", "shape": [2], "data_offsets": [0, 2]}}, b"\x01\x02"),
+    "trailing bytes": safetensors_bytes({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\0\0"),
+    "header length past the end": struct.pack("<Q", 1 << 40) + b"{}",
+    "header not an object": struct.pack("<Q", 8) + b"[]      ",
+    "header not UTF-8": struct.pack("<Q", 8) + b'{"\xff":1}  ',
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_safetensors_are_corruption(case: str) -> None:
+    with pytest.raises(CorruptionError, match="malformed-case"):
+        deserialize(MALFORMED[case], "malformed-case")
+
+
+def test_a_store_loads_what_it_saved_and_the_tensors_are_writable(tmp_path) -> None:
+    store = CheckpointStore(open_db(tmp_path.as_uri()), "s", keep=2)
+    state = mixed_state()
+    state.pop("rng")
+    big = torch.randn(600_000)  # over the size hashed on a helper thread
+    first = store.save({**state, "big": big}, step=1)
+    assert first["nbytes"] == len(serialize({**state, "big": big}))
+    loaded, record = store.load_latest()
+    assert record["_id"] == first["_id"]
+    assert_same({**state, "big": big}, loaded)
+    loaded["big"].zero_()
+    assert torch.equal(store.read(first)["big"], big)
