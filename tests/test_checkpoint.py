@@ -104,7 +104,7 @@ def test_serialize_is_a_snapshot_and_the_parts_are_the_same_bytes() -> None:
     state = {"w": torch.arange(6.0), "n": 3}
     parts = serialize_parts(state)
     data = serialize(state)
-    assert b"".join(parts) == data
+    assert b"".join(parts) == data and data.readonly
     state["w"].add_(100)
     assert torch.equal(deserialize(data)["w"], torch.arange(6.0))
     assert torch.equal(deserialize(b"".join(parts))["w"], torch.arange(6.0) + 100)  # parts alias the tensors
@@ -112,7 +112,7 @@ def test_serialize_is_a_snapshot_and_the_parts_are_the_same_bytes() -> None:
 
 def test_files_interoperate_with_the_safetensors_library() -> None:
     state = {"a": torch.arange(3, dtype=torch.int16), "b": torch.ones(2, 2), "c": torch.tensor([1.0], dtype=torch.float64)}
-    ours = serialize(state)
+    ours = bytes(serialize(state))
     theirs = safetensors.torch.load(ours)
     assert sorted(theirs) == ["t0", "t1", "t2"] and torch.equal(theirs["t1"], state["b"])
     structure = {k: {"$ptutils": "ref", "key": f"t{i}"} for i, k in enumerate(state)}
