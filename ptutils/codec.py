@@ -150,10 +150,23 @@ _PLAIN = (str, int, float, bool, type(None))
 """Types decode() returns unchanged (checked by exact type: the common case, without ABC checks)."""
 
 
+class Untagged(dict):
+    """A stored document that its backend has seen to hold no tagged value: :func:`decode` only copies it.
+
+    Backends build it when a cheap check on the serialized form proves there is
+    nothing to decode (for JSON text: neither ``"$ptutils"`` nor any backslash
+    escape occurs in it), which spares walking every value of every result.
+    """
+
+    __slots__ = ()
+
+
 def decode(value: Any, *, get_blob: GetBlob | None = None, _path: str = "") -> Any:
     """Rebuild the original value from its portable form, fetching blobs with ``get_blob``."""
     if type(value) in _PLAIN:
         return value
+    if type(value) is Untagged:
+        return dict(value)
     if isinstance(value, list):
         return [decode(v, get_blob=get_blob, _path=f"{_path}[{i}]") for i, v in enumerate(value)]
     if not isinstance(value, Mapping):
@@ -234,9 +247,16 @@ def _check_size(nbytes: int, itemsize: int, shape: tuple[int, ...], path: str) -
         raise CorruptionError(path or "<root>", f"holds {nbytes} bytes, shape {list(shape)} needs {expected}")
 
 
+def untagged_json(text: str) -> bool:
+    """Whether JSON ``text`` certainly decodes to values without tags (no ``$ptutils``, no escapes at all)."""
+    return TAG not in text and "\\" not in text
+
+
 def blob_refs(encoded: Any) -> set[str]:
     """Ids of every blob an encoded document points to (to delete them with it)."""
     refs: set[str] = set()
+    if type(encoded) is Untagged:
+        return refs
     stack = [encoded]
     while stack:
         cur = stack.pop()

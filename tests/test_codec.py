@@ -360,3 +360,27 @@ def test_a_planted_pickle_payload_is_never_executed(tmp_path: Path, no_unpicklin
         "unknown_kind_torch": "CodecError",
         "tuple_of_pickle": "CodecError",
     }
+
+
+# ------------------------------------------------------------------ untagged fast path
+def test_untagged_documents_decode_to_equal_plain_dicts() -> None:
+    stored = codec.Untagged({"_id": "a", "metrics": {"loss": 0.5}, "tags": ["x", 1, None]})
+    out = decode(stored)
+    assert type(out) is dict and out == stored
+    assert blob_refs(stored) == set()
+
+
+@pytest.mark.parametrize(
+    "text, untagged",
+    [
+        ('{"a":1,"b":{"c":"d"}}', True),
+        ('{"a":{"$ptutils":"tuple","items":[]}}', False),
+        ('{"a":{"\\u0024ptutils":"tuple","items":[]}}', False),  # an escaped tag still takes the full decode
+        ('{"a":"line\\nbreak"}', False),
+        ('{"note":"mentions $ptutils"}', False),  # a false alarm only costs the full decode
+    ],
+)
+def test_untagged_json_is_only_claimed_when_certain(text: str, untagged: bool) -> None:
+    assert codec.untagged_json(text) is untagged
+    if not untagged:
+        assert decode(json.loads(text)) is not None
