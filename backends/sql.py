@@ -38,7 +38,9 @@ order (``COLLATE "C"``, ``utf8mb4_nopad_bin``, SQLite's BINARY), ties by id.
 
 Every operation is one transaction: updates read the row with ``SELECT ... FOR
 UPDATE`` (``BEGIN IMMEDIATE`` on SQLite), apply :func:`ptutils.query.apply_update`
-and write it back.  Connections are checked with ``pool_pre_ping``; transient
+and write it back.  Reads made of one SELECT (``load``, ``count``, ``load_from_ids``)
+are atomic by themselves and run without BEGIN/COMMIT round trips.  A pooled connection idle for more than :data:`PING_AFTER_IDLE_S` is
+pinged before use and replaced if the server dropped it; transient
 failures (disconnects, deadlocks, a busy SQLite file) are retried with
 exponential backoff, and :class:`BackendUnavailableError` is raised after the
 last retry.  A failure while committing a write is never retried (its outcome is
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 import abc
 import decimal
+import functools
 import json
 import logging
 import math
@@ -66,6 +69,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.pool import StaticPool
 
+from ptutils.codec import Untagged, untagged_json
 from ptutils.database import DEFAULT_COLLECTION, DBInterface
 from ptutils.errors import (
     BackendUnavailableError,
@@ -102,6 +106,8 @@ DOCS_TABLE, BLOBS_TABLE, META_TABLE = "ptutils_documents", "ptutils_blobs", "ptu
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _TWO_53 = 2**53
 _IN_BATCH = 500
+PING_AFTER_IDLE_S = 1.0
+"""A pooled server connection idle for longer than this is pinged at checkout (one in use is known alive)."""
 _PG_SCHEMA_LOCK = 0x70747574696C73  # "ptutils": the advisory lock held while creating the tables
 _T = TypeVar("_T")
 
@@ -891,9 +897,10 @@ class _Shared:
         self.closed = False
         self.lock = threading.Lock()
         self.engine = self._create_engine(engine_options)
+        self.read_engine = self.engine.execution_options(ptutils_single_read=True)
 
     def _create_engine(self, engine_options: dict) -> sa.Engine:
-        options: dict[str, Any] = {"pool_pre_ping": self.style != "sqlite"}  # a file has no connection to lose
+        options: dict[str, Any] = {}
         connect_args: dict[str, Any] = {}
         if self.style == "sqlite":
             database = self.url.database or ""
@@ -915,7 +922,28 @@ class _Shared:
         if self.style == "sqlite":
             sa.event.listen(engine, "connect", _sqlite_on_connect)
             sa.event.listen(engine, "begin", _sqlite_on_begin)
+        elif not options.get("pool_pre_ping"):  # a file has no connection to lose
+            sa.event.listen(engine, "checkin", _note_checkin)
+            sa.event.listen(engine, "checkout", functools.partial(_ping_if_idle, engine.dialect))
         return engine
+
+
+def _note_checkin(dbapi_connection: Any, record: Any) -> None:
+    record.info["ptutils_idle_since"] = time.monotonic()
+
+
+def _ping_if_idle(dialect: sa.Dialect, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    """Pre-ping a connection that sat idle in the pool (the server may have dropped it); skip a busy one.
+
+    A connection checked in moments ago is alive but for a crash in between,
+    which the retries of :meth:`SQLInterface._run` cover; sparing its ping halves
+    the round trips of a quick read.
+    """
+    since = record.info.get("ptutils_idle_since")
+    if since is None or time.monotonic() - since <= PING_AFTER_IDLE_S:
+        return
+    if not dialect._do_ping_w_event(dbapi_connection):
+        raise sa.exc.InvalidatePoolError()  # as pool_pre_ping: a dropped connection means a restarted server
 
 
 def _sqlite_on_connect(dbapi_connection: Any, record: Any) -> None:
@@ -930,8 +958,10 @@ def _sqlite_on_connect(dbapi_connection: Any, record: Any) -> None:
 
 
 def _sqlite_on_begin(conn: sa.Connection) -> None:
-    immediate = conn.get_execution_options().get("ptutils_write", False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    options = conn.get_execution_options()
+    if options.get("ptutils_single_read"):
+        return  # one SELECT in autocommit mode reads one snapshot: no BEGIN/COMMIT round trips
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get("ptutils_write") else "BEGIN")
 
 
 class SQLInterface(DBInterface):
@@ -1009,8 +1039,19 @@ class SQLInterface(DBInterface):
             self._shared.engine.dispose()
 
     # ----------------------------------------------------------------- transactions
-    def _run(self, fn: Callable[[sa.Connection], _T], *, write: bool, retries: int | None = None) -> _T:
-        """Run ``fn`` in one transaction, retrying transient failures (never an interrupted commit)."""
+    def _run(
+        self,
+        fn: Callable[[sa.Connection], _T],
+        *,
+        write: bool,
+        retries: int | None = None,
+        single_read: bool = False,
+    ) -> _T:
+        """Run ``fn`` in one transaction, retrying transient failures (never an interrupted commit).
+
+        ``single_read``: ``fn`` only runs one SELECT, which is atomic by itself, so
+        it runs without BEGIN/COMMIT (the pool's rollback at checkin ends it).
+        """
         shared = self._shared
         self._prepare()
         limit = shared.retries if retries is None else retries
@@ -1018,6 +1059,9 @@ class SQLInterface(DBInterface):
         while True:
             committing = False
             try:
+                if single_read and not write:
+                    with shared.read_engine.connect() as conn:
+                        return fn(conn)
                 with shared.engine.connect() as conn:
                     if write:
                         conn.execution_options(ptutils_write=True)
@@ -1149,8 +1193,11 @@ class SQLInterface(DBInterface):
         return self._shared.schema.columns
 
     def _row_doc(self, row: Sequence[Any]) -> dict:
-        doc: dict[str, Any] = {"_id": row[0], "_version": int(row[1])}
-        doc.update(_load_body(row[2], row[3], self._shared.style))
+        text = row[2]
+        # Text without tags or escapes needs no codec walk: mark it so decode() only copies it.
+        doc: dict[str, Any] = Untagged() if isinstance(text, str) and untagged_json(text) else {}
+        doc["_id"], doc["_version"] = row[0], int(row[1])
+        doc.update(_load_body(text, row[3], self._shared.style))
         return doc
 
     def _body_values(self, body: dict) -> dict[str, Any]:
@@ -1220,7 +1267,7 @@ class SQLInterface(DBInterface):
                     found[row[0]] = self._row_doc(row)
             return found
 
-        return self._run(op, write=False)
+        return self._run(op, write=False, single_read=len(unique) <= _IN_BATCH)
 
     def _select(self, query: Node) -> sa.Select:
         schema = self._shared.schema
@@ -1266,7 +1313,7 @@ class SQLInterface(DBInterface):
         def op(conn: sa.Connection) -> list[dict]:
             return [self._row_doc(row) for row in conn.execute(stmt, params)]
 
-        docs = self._run(op, write=False)
+        docs = self._run(op, write=False, single_read=True)
         return docs if projection is None else [project(d, projection) for d in docs]
 
     def _count(self, query: Node) -> int:
@@ -1277,7 +1324,7 @@ class SQLInterface(DBInterface):
         else:
             where = sa.and_(self._key(), schema.renderer.render(query))
             stmt, params = sa.select(sa.func.count()).select_from(schema.docs).where(where), {}
-        return int(self._run(lambda conn: conn.execute(stmt, params).scalar_one(), write=False))
+        return int(self._run(lambda conn: conn.execute(stmt, params).scalar_one(), write=False, single_read=True))
 
     def _delete_returning(self, where: sa.ColumnElement[bool]) -> list[dict]:
         docs = self._shared.schema.docs

@@ -22,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ptutils import open_db
+from ptutils.backends import sql as sql_backend_module
 from ptutils.backends.sql import (
     BLOB_CHUNK,
     INDEXED_FIELDS,
@@ -390,7 +391,9 @@ def _kill(admin: sa.Engine, dialect: str, pid: int) -> None:
 
 
 @pytest.mark.services
-def test_killed_idle_connections_are_replaced_by_pre_ping(sdb: SQLInterface) -> None:
+def test_killed_idle_connections_are_replaced_by_pre_ping(
+    sdb: SQLInterface, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     db = sdb
     db.save({"_id": "a", "n": 1})
     with db.engine.connect() as conn:
@@ -398,7 +401,42 @@ def test_killed_idle_connections_are_replaced_by_pre_ping(sdb: SQLInterface) -> 
     admin = SQLInterface(db.url).engine
     _kill(admin, db.dialect, pid)
     admin.dispose()
-    assert db.load_from_id("a")["n"] == 1
+    monkeypatch.setattr(sql_backend_module, "PING_AFTER_IDLE_S", 0.0)  # the connection counts as idle
+    with caplog.at_level(logging.WARNING, logger="ptutils"):
+        assert db.load_from_id("a")["n"] == 1
+    assert not any("transient failure" in r.getMessage() for r in caplog.records), caplog.text  # the ping caught it
+
+
+@pytest.mark.services
+def test_killed_busy_connections_are_retried_without_a_ping(sdb: SQLInterface, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = sdb
+    db.save({"_id": "a", "n": 1})
+    with db.engine.connect() as conn:
+        pid = _backend_pid(conn, db.dialect)
+    admin = SQLInterface(db.url).engine
+    _kill(admin, db.dialect, pid)
+    admin.dispose()
+    monkeypatch.setattr(sql_backend_module, "PING_AFTER_IDLE_S", 3600.0)  # just used: no ping
+    assert db.load({"n": 1})[0]["_id"] == "a"
+    db.save({"_id": "b", "n": 2})
+    assert db.count() == 2
+
+
+def test_one_statement_reads_send_no_begin_or_commit(sdb: SQLInterface) -> None:
+    sdb.save({"_id": "a", "session_id": "s1", "n": 1})
+    commits: list[object] = []
+    on_commit = commits.append
+    sa.event.listen(sdb.engine, "commit", on_commit)
+    try:
+        with Recorder(sdb.engine) as rec:
+            assert [d["_id"] for d in sdb.load({"session_id": "s1"})] == ["a"]
+            assert [d["_id"] for d in sdb.load({"n": {"$gte": 1}}, sort="n", limit=1)] == ["a"]
+            assert sdb.count({"n": 1}) == 1
+            assert sdb.load_from_id("a")["n"] == 1
+    finally:
+        sa.event.remove(sdb.engine, "commit", on_commit)
+    assert not commits
+    assert [s.split()[0].upper() for s, _ in rec.calls] == ["SELECT"] * 4, rec.calls
 
 
 @pytest.mark.services
