@@ -293,7 +293,7 @@ class FileSystemInterface(DBInterface):
                     sha.update(part)
                     _write_all(fd, part)
                 if sha.threaded:
-                    os.fdatasync(fd)  # the payload goes to the disk while the helper thread finishes hashing
+                    getattr(os, "fdatasync", os.fsync)(fd)  # sync the payload while the helper thread finishes hashing
                 digest = sha.hexdigest()
             if os.pwrite(fd, digest.encode("ascii"), len(magic) + len(FORMAT_VERSION) + 2) != len(digest):
                 raise OSError(errno.EIO, "short write of the checksum")
