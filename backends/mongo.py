@@ -27,6 +27,10 @@ that the rendering closes with ``$type`` guards:
 * Negations (``$ne``, ``$nin``, ``$exists: false``) are ``$nor`` of the
   positive filter, which negates exactly.
 
+A lone equality (or ``$in``) on an indexed field, the status query of sessions,
+is the index's plain ``{field: value}`` filter, whose only extra matches (arrays
+holding the value) are dropped by a type check on the returned documents.
+
 Type bracketing is MongoDB's own and matches ours: ``true != 1``, numbers
 compare across int/long/double by value, orderings match one type only,
 strings compare in code point order.  Sorting follows the ptutils order
@@ -47,12 +51,16 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
+import bson
 import gridfs
 import pymongo
 import pymongo.errors
+from bson.codec_options import CodecOptions, TypeDecoder, TypeRegistry
 from bson.errors import BSONError
 from bson.int64 import Int64
+from bson.raw_bson import RawBSONDocument
 
+from ptutils.codec import TAG, Untagged
 from ptutils.database import DEFAULT_COLLECTION, DBInterface
 from ptutils.errors import (
     BackendUnavailableError,
@@ -90,6 +98,29 @@ _T = TypeVar("_T")
 MATCH_NOTHING: dict = {"_id": {"$in": []}}
 
 
+class _Int64AsInt(TypeDecoder):
+    """Decode BSON int64 as a Python int (bson's Int64 is an int subclass that would otherwise leak out)."""
+
+    bson_type = Int64
+
+    def transform_bson(self, value: Any) -> int:
+        return int(value)
+
+
+_READ_OPTIONS = CodecOptions(type_registry=TypeRegistry([_Int64AsInt()]))
+_TAG_KEY = TAG.encode() + b"\x00"
+"""How the tag key appears in BSON (a C string); a value spelling it only costs a full decode."""
+
+
+def _stored(raw: RawBSONDocument) -> dict:
+    """A stored document from its BSON bytes; :class:`Untagged` when no tag key can occur in it."""
+    data = raw.raw
+    if type(data) is not bytes:
+        data = bytes(data)  # a memoryview for large replies: its `in` tests items, not substrings
+    doc = bson.decode(data, codec_options=_READ_OPTIONS)
+    return doc if _TAG_KEY in data else Untagged(doc)
+
+
 def _plain(value: Any) -> Any:
     """A stored document with bson's Int64 (returned for 64-bit integers) turned back into int."""
     if isinstance(value, dict):
@@ -99,6 +130,12 @@ def _plain(value: Any) -> Any:
     if type(value) is Int64:
         return int(value)
     return value
+
+
+def _id_key(doc: dict) -> tuple:
+    """MongoDB's order of string ids (binary, as Python compares str); any other id (a damaged store) last."""
+    key = doc.get("_id")
+    return (0, key) if type(key) is str else (1, repr(key))
 
 
 # --------------------------------------------------------------------------- filters
@@ -192,6 +229,22 @@ def _sort_stage_keys(path: Path) -> tuple[dict, Any]:
     return rank, "$" + _dotted(path)
 
 
+def _prefilter(node: Node) -> tuple[int, dict] | None:
+    """The position of the first clause of ``node`` answerable from an index, and its plain filter."""
+    clauses = node.clauses if isinstance(node, And) else (node,)
+    for i, clause in enumerate(clauses):
+        if not isinstance(clause, Compare) or len(clause.path) != 1:
+            continue
+        field = clause.path[0]
+        if field not in ("_id", *INDEXED_FIELDS):
+            continue
+        if clause.op == "$eq" and clause.value is not None:
+            return i, {field: clause.value}
+        if clause.op == "$in" and clause.value and None not in clause.value:
+            return i, {field: {"$in": list(clause.value)}}
+    return None
+
+
 def index_prefilter(node: Node) -> dict | None:
     """A single-field filter on an indexed field implied by ``node`` (a superset of its matches), or None.
 
@@ -200,34 +253,44 @@ def index_prefilter(node: Node) -> dict | None:
     follows in a second ``$match``.  Servers whose planners use an index only for
     a lone predicate (secantus) then still answer status queries from the index.
     """
-    clauses = node.clauses if isinstance(node, And) else (node,)
-    for clause in clauses:
-        if not isinstance(clause, Compare) or len(clause.path) != 1:
-            continue
-        field = clause.path[0]
-        if field not in ("_id", *INDEXED_FIELDS):
-            continue
-        if clause.op == "$eq" and clause.value is not None:
-            return {field: clause.value}
-        if clause.op == "$in" and clause.value and None not in clause.value:
-            return {field: {"$in": list(clause.value)}}
-    return None
+    found = _prefilter(node)
+    return None if found is None else found[1]
 
 
 def match_stages(node: Node) -> list[dict]:
-    """``$match`` stages selecting exactly the documents ``node`` matches (index-friendly first)."""
-    pre = index_prefilter(node)
-    flt = render_filter(node)
-    return [{"$match": pre}, {"$match": flt}] if pre is not None else [{"$match": flt}]
+    """``$match`` stages selecting exactly the documents ``node`` matches (index-friendly first).
+
+    After the index prefilter the second stage only checks what it leaves open:
+    the field not being an array (never one for ``_id``) and the other clauses.
+    """
+    found = _prefilter(node)
+    if found is None:
+        return [{"$match": render_filter(node)}]
+    i, pre = found
+    clauses = node.clauses if isinstance(node, And) else (node,)
+    field = next(iter(pre))
+    rest = [render_filter(c) for k, c in enumerate(clauses) if k != i]
+    residual = _all(([] if field == "_id" else _not_array((field,), 1)) + rest)
+    return [{"$match": pre}] + ([{"$match": residual}] if residual else [])
 
 
 def find_pipeline(
-    node: Node, sort: list[tuple[Path, int]], limit: int | None, skip: int, fields: dict | None = None
+    node: Node,
+    sort: list[tuple[Path, int]],
+    limit: int | None,
+    skip: int,
+    fields: dict | None = None,
+    *,
+    id_order: bool = True,
 ) -> list[dict]:
-    """An aggregation that filters, sorts in the ptutils order (ties by _id), skips and limits."""
+    """An aggregation that filters, sorts in the ptutils order (ties by _id), skips and limits.
+
+    ``id_order=False`` leaves out the ``$sort`` by _id of an unsorted, unlimited
+    query: the caller orders the results itself.
+    """
     pipeline = match_stages(node)
     if not sort:
-        pipeline.append({"$sort": {"_id": 1}})
+        pipeline += [{"$sort": {"_id": 1}}] if id_order or skip or limit is not None else []
         pipeline += [{"$skip": skip}] if skip else []
         pipeline += [{"$limit": limit}] if limit is not None else []
         return pipeline + ([{"$project": fields}] if fields else [])
@@ -374,6 +437,11 @@ class MongoInterface(DBInterface):
         return self._shared.client[self.db_name][self.collection_name]
 
     @functools.cached_property
+    def _raw_coll(self) -> pymongo.collection.Collection:
+        """The collection returning :class:`RawBSONDocument` (reads decode them with :func:`_stored`)."""
+        return self._coll.with_options(codec_options=CodecOptions(document_class=RawBSONDocument))
+
+    @functools.cached_property
     def _bucket(self) -> gridfs.GridFSBucket:
         return gridfs.GridFSBucket(
             self._shared.client[self.db_name],
@@ -476,22 +544,40 @@ class MongoInterface(DBInterface):
         unique = list(dict.fromkeys(ids))
         if not unique:
             return {}
-        return self._call(lambda: {d["_id"]: _plain(d) for d in self._coll.find({"_id": {"$in": unique}})}, write=False)
+        return self._call(
+            lambda: {doc["_id"]: doc for doc in map(_stored, self._raw_coll.find({"_id": {"$in": unique}}))},
+            write=False,
+        )
 
     def _find(
         self, query: Node, sort: list[tuple[Path, int]], limit: int | None, skip: int, projection: list[Path] | None
     ) -> list[dict]:
         fields = None if projection is None else {"_id": 1, **{path[0]: 1 for path in projection}}
+        # Without a sort, skip or limit every match comes back: ordering them by _id here spares the
+        # server a sort stage (a blocking one on some servers) for what is usually a handful of documents.
+        server_order = bool(sort) or bool(skip) or limit is not None
+        pre = index_prefilter(query)
+        lone = pre is not None and not server_order and projection is None and not isinstance(query, And)
 
         def op() -> list[dict]:
-            if sort or index_prefilter(query) is not None:
-                return [_plain(d) for d in self._coll.aggregate(find_pipeline(query, sort, limit, skip, fields))]
-            cursor = self._coll.find(render_filter(query), fields).sort("_id", pymongo.ASCENDING).skip(skip)
-            if limit is not None:
-                cursor = cursor.limit(limit)
-            return [_plain(d) for d in cursor]
+            if lone:
+                # The status query: the index answers it up to arrays holding the value (MongoDB's $eq/$in
+                # match those), which the type check below drops, as a second $match would on the server.
+                field = next(iter(pre))
+                return [d for d in map(_stored, self._raw_coll.find(pre)) if type(d.get(field)) is not list]
+            if sort or pre is not None:
+                pipeline = find_pipeline(query, sort, limit, skip, fields, id_order=server_order)
+                return list(map(_stored, self._raw_coll.aggregate(pipeline)))
+            cursor = self._raw_coll.find(render_filter(query), fields)
+            if server_order:
+                cursor = cursor.sort("_id", pymongo.ASCENDING).skip(skip)
+                if limit is not None:
+                    cursor = cursor.limit(limit)
+            return list(map(_stored, cursor))
 
         docs = self._call(op, write=False)
+        if not server_order:
+            docs.sort(key=_id_key)
         return docs if projection is None else [project(d, projection) for d in docs]
 
     def _count(self, query: Node) -> int:

@@ -158,6 +158,21 @@ def test_array_semantics_differ_from_mongodb_and_are_closed(mdb: MongoInterface,
     assert {"a": {"$not": {"$type": "array"}}} in flt["$and"]
 
 
+def test_status_queries_on_indexed_fields_keep_exact_semantics_and_id_order(mdb: MongoInterface, raw) -> None:
+    """The lone indexed equality is answered from the index's plain filter; arrays holding the value stay out."""
+    for doc_id, value in (("z", "s1"), ("arr", ["s1", "s2"]), ("a", "s1"), ("nested", [["s1"]]), ("m", "s2")):
+        mdb.save({"_id": doc_id, "session_id": value, "big": 2**40})
+    assert sorted(d["_id"] for d in raw.find({"session_id": "s1"})) == ["a", "arr", "z"]  # MongoDB's own semantics
+    found = mdb.load({"session_id": "s1"})
+    assert [d["_id"] for d in found] == ["a", "z"]
+    assert all(type(d["big"]) is int for d in found)  # not bson's Int64
+    assert [d["_id"] for d in mdb.load({"session_id": {"$in": ["s1", "s2"]}})] == ["a", "m", "z"]
+    assert [d["_id"] for d in mdb.load({"session_id": "s1"}, limit=1)] == ["a"]
+    assert [d["_id"] for d in mdb.load({"session_id": "s1", "big": {"$gt": 0}})] == ["a", "z"]
+    assert mdb.count({"session_id": "s1"}) == 2
+    assert [d["_id"] for d in mdb.load({"session_id": "s1"}, projection=["big"])] == ["a", "z"]
+
+
 def test_translated_filters_agree_with_the_reference_on_hard_values(mdb: MongoInterface) -> None:
     check_translation(mdb)
 
