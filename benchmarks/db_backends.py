@@ -32,7 +32,7 @@ that load from other processes falls on both alike; checkpoints take the best of
 MongoDB is ``PTUTILS_MONGO_URL`` or a secantus server started here.  ``--quick``
 uses 1,000 inserts, 10,000 documents, 200 queries and 10 MB.
 
-Run: ``python benchmarks/db_backends.py [--quick] [--backends sqlite,postgres]``.
+Run: ``python benchmarks/db_backends.py [--quick] [--backends sqlite,postgres] [--rows insert,query,checkpoint]``.
 """
 
 from __future__ import annotations
@@ -322,20 +322,21 @@ def bench_backend(name: str, args: argparse.Namespace, scratch: Path) -> list[tu
         raw = make_raw(db, url, scratch)
         try:
             # inserts
-            docs = [(uuid.uuid4().hex, status_doc(i)) for i in range(args.inserts)]
+            docs = [(uuid.uuid4().hex, status_doc(i)) for i in range(args.inserts if "insert" in args.rows else 0)]
             t_ours, t_raw = alternate(
                 lambda lo, hi: [db.save({"_id": k, **d}) for k, d in docs[lo:hi]],
                 lambda lo, hi: raw.insert_each(docs[lo:hi]),
                 len(docs),
             )
-            rows.append((name, f"insert {args.inserts:,} status docs", t_ours, t_raw, "each"))
-            if hasattr(raw, "insert_bulk"):
+            if docs:
+                rows.append((name, f"insert {args.inserts:,} status docs", t_ours, t_raw, "each"))
+            if docs and hasattr(raw, "insert_bulk"):
                 bulk = [(uuid.uuid4().hex, d) for _, d in docs]
                 rows.append(
                     (name, "  same, raw in one bulk call", t_ours, timed(lambda: raw.insert_bulk(bulk)), "bulk")
                 )
             # indexed queries
-            if name != "fs":
+            if name != "fs" and "query" in args.rows:
                 coll = db.collection(f"q_{uuid.uuid4().hex[:8]}")
                 big = [(f"d{i:07d}", status_doc(i)) for i in range(args.collection)]
                 preload(coll, big)
@@ -353,6 +354,8 @@ def bench_backend(name: str, args: argparse.Namespace, scratch: Path) -> list[tu
                 rows.append((name, what, t_ours, t_raw, "each"))
                 qraw.close()
             # checkpoint
+            if "checkpoint" not in args.rows:
+                return rows
             payload = checkpoint_bytes(args.checkpoint_mb * 1024 * 1024)
             puts, raw_puts, gets, raw_gets = [], [], [], []
             # Each get follows its own put (a server's cache then holds that blob, not the other side's),
@@ -403,7 +406,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     parser.add_argument("--backends", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
     parser.add_argument("--repeat", type=int, default=3, help="checkpoint repetitions (best is kept)")
+    parser.add_argument("--rows", default="insert,query,checkpoint", help="comma-separated subset of the rows")
     args = parser.parse_args()
+    args.rows = {r.strip() for r in args.rows.split(",") if r.strip()}
     args.inserts, args.collection, args.queries, args.checkpoint_mb = (
         (1_000, 10_000, 200, 10) if args.quick else (10_000, 100_000, 1_000, 100)
     )
