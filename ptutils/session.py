@@ -28,10 +28,10 @@ from transitions import MachineError
 from transitions.extensions.nesting import HierarchicalMachine
 
 from . import status as status_mod
-from .checkpoint import CheckpointStore, rng_state, seed_everything, serialize, set_rng_state
+from .checkpoint import CheckpointStore, rng_state, seed_everything, serialize, serialize_parts, set_rng_state
 from .config import Config, build
 from .data import DataProvider, set_loader_position
-from .database import DBInterface, backend_for, check_id, open_db
+from .database import BlobData, DBInterface, backend_for, check_id, open_db
 from .errors import (
     BackendUnavailableError, CheckpointError, ConfigError, SessionError, StorageError, TransitionError,
 )
@@ -594,17 +594,18 @@ class Session:
     def save_checkpoint(self, reason: str = "periodic", pinned: bool = False, *, background: bool = False) -> Any:
         """Checkpoint now: the state is captured at once, then written (blob first, then its record).
 
-        With ``background`` the write happens on the session's writer thread and
-        a Future is returned; otherwise the record is returned once durable.
+        With ``background`` the write happens on the session's writer thread from a
+        snapshot and a Future is returned; otherwise the tensors' own memory is
+        written (nothing trains meanwhile) and the record is returned once durable.
         """
-        data = serialize(self.state_dict())
+        state = self.state_dict()
         self._last_checkpoint = self._position()
         info = dict(pinned=pinned, attempt=self.attempt, step=self.step, stage=self.stage,
                     stage_epoch=self.stage_epoch, batch_in_epoch=self.batch_in_epoch, reason=reason)
         if background:
-            return self._submit(self._write_checkpoint, data, info)
+            return self._submit(self._write_checkpoint, serialize(state), info)
         self.drain()
-        return self._write_checkpoint(data, info)
+        return self._write_checkpoint(serialize_parts(state), info)
 
     def _position(self) -> tuple:
         return (self.attempt, self.stage, self.stage_step, self.step)
@@ -623,7 +624,7 @@ class Session:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    def _write_checkpoint(self, data: bytes, info: dict[str, Any]) -> dict:
+    def _write_checkpoint(self, data: BlobData, info: dict[str, Any]) -> dict:
         record = self.checkpoints.write(data, **info)
         self.log_event("checkpoint", checkpoint=record["_id"], reason=info["reason"])
         return record
