@@ -77,6 +77,13 @@ def _key_path(path: str, key: str) -> str:
 
 def encode(value: Any, *, put_blob: PutBlob | None = None, threshold: int = BLOB_THRESHOLD, _path: str = "") -> Any:
     """Encode ``value`` into the portable form; large payloads go through ``put_blob``."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:  # exact types first: the common case, no ABC checks
+        return value
+    if kind is float and math.isfinite(value):
+        return value
+    if kind is int and -_INT64 <= value < _INT64:
+        return value
     enc = lambda v, p: encode(v, put_blob=put_blob, threshold=threshold, _path=p)  # noqa: E731
     if isinstance(value, np.generic):
         # Before the Python scalars: np.float64, np.str_ and np.bytes_ subclass them.
@@ -103,7 +110,17 @@ def encode(value: Any, *, put_blob: PutBlob | None = None, threshold: int = BLOB
                 raise CodecError(_path, f"dict keys must be strings, got {type(key).__name__} {key!r}")
             if key.startswith("$") or "\x00" in key:
                 raise CodecError(_key_path(_path, key), "keys may not start with '$' or contain NUL")
-            out[key] = enc(item, _key_path(_path, key))
+            kind = type(item)
+            if (
+                kind is str
+                or kind is bool
+                or item is None
+                or (kind is float and math.isfinite(item))
+                or (kind is int and -_INT64 <= item < _INT64)
+            ):
+                out[key] = item  # a plain JSON scalar: no call per value
+            else:
+                out[key] = enc(item, _key_path(_path, key))
         return out
     if isinstance(value, list):
         return [enc(v, f"{_path}[{i}]") for i, v in enumerate(value)]
