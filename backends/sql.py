@@ -57,6 +57,7 @@ import logging
 import math
 import os
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -898,6 +899,7 @@ class _Shared:
         self.lock = threading.Lock()
         self.engine = self._create_engine(engine_options)
         self.read_engine = self.engine.execution_options(ptutils_single_read=True)
+        self.write_engine = self.engine.execution_options(ptutils_write=True)
 
     def _create_engine(self, engine_options: dict) -> sa.Engine:
         options: dict[str, Any] = {}
@@ -961,7 +963,13 @@ def _sqlite_on_begin(conn: sa.Connection) -> None:
     options = conn.get_execution_options()
     if options.get("ptutils_single_read"):
         return  # one SELECT in autocommit mode reads one snapshot: no BEGIN/COMMIT round trips
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get("ptutils_write") else "BEGIN")
+    # Straight to the driver, as pysqlite's own implicit BEGIN is (a statement round through
+    # SQLAlchemy's execution machinery costs as much as the INSERT that follows).
+    statement = "BEGIN IMMEDIATE" if options.get("ptutils_write") else "BEGIN"
+    try:
+        conn.connection.driver_connection.execute(statement)
+    except sqlite3.Error as exc:  # wrapped as SQLAlchemy would, so that a busy file is retried
+        raise sa.exc.OperationalError(statement, None, exc) from exc
 
 
 class SQLInterface(DBInterface):
@@ -1062,9 +1070,7 @@ class SQLInterface(DBInterface):
                 if single_read and not write:
                     with shared.read_engine.connect() as conn:
                         return fn(conn)
-                with shared.engine.connect() as conn:
-                    if write:
-                        conn.execution_options(ptutils_write=True)
+                with (shared.write_engine if write else shared.engine).connect() as conn:
                     with conn.begin():
                         result = fn(conn)
                         committing = write
