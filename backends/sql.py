@@ -38,13 +38,14 @@ order (``COLLATE "C"``, ``utf8mb4_nopad_bin``, SQLite's BINARY), ties by id.
 
 Every operation is one transaction: updates read the row with ``SELECT ... FOR
 UPDATE`` (``BEGIN IMMEDIATE`` on SQLite), apply :func:`ptutils.query.apply_update`
-and write it back.  Reads made of one SELECT (``load``, ``count``, ``load_from_ids``)
-are atomic by themselves and run without BEGIN/COMMIT round trips.  A pooled connection idle for more than :data:`PING_AFTER_IDLE_S` is
-pinged before use and replaced if the server dropped it; transient
-failures (disconnects, deadlocks, a busy SQLite file) are retried with
-exponential backoff, and :class:`BackendUnavailableError` is raised after the
-last retry.  A failure while committing a write is never retried (its outcome is
-unknown) and is reported as BackendUnavailableError saying so.
+and write it back.  Reads made of one SELECT (``load``, ``count``,
+``load_from_ids``) are atomic by themselves and run without BEGIN/COMMIT round
+trips.  A pooled connection idle for more than :data:`PING_AFTER_IDLE_S` is
+pinged before use and replaced if the server dropped it; transient failures
+(disconnects, deadlocks, a busy SQLite file) are retried with exponential
+backoff, and :class:`BackendUnavailableError` is raised after the last retry.
+A failure while committing a write is never retried (its outcome is unknown)
+and is reported as BackendUnavailableError saying so.
 """
 
 from __future__ import annotations
@@ -923,8 +924,8 @@ class _Shared:
         engine = sa.create_engine(self.url, **options)
         if self.style == "sqlite":
             sa.event.listen(engine, "connect", _sqlite_on_connect)
-            sa.event.listen(engine, "begin", _sqlite_on_begin)
-        elif not options.get("pool_pre_ping"):  # a file has no connection to lose
+            sa.event.listen(engine, "begin", _sqlite_on_begin)  # a file has no connection to lose: no ping
+        elif not options.get("pool_pre_ping"):  # unless the caller asked for a ping at every checkout
             sa.event.listen(engine, "checkin", _note_checkin)
             sa.event.listen(engine, "checkout", functools.partial(_ping_if_idle, engine.dialect))
         return engine
@@ -944,8 +945,13 @@ def _ping_if_idle(dialect: sa.Dialect, dbapi_connection: Any, record: Any, proxy
     since = record.info.get("ptutils_idle_since")
     if since is None or time.monotonic() - since <= PING_AFTER_IDLE_S:
         return
-    if not dialect._do_ping_w_event(dbapi_connection):
-        raise sa.exc.InvalidatePoolError()  # as pool_pre_ping: a dropped connection means a restarted server
+    try:
+        dialect.do_ping(dbapi_connection)
+    except dialect.loaded_dbapi.Error as exc:
+        if dialect.is_disconnect(exc, dbapi_connection, None):
+            # As pool_pre_ping: a dropped connection means a restarted server, so renew the whole pool.
+            raise sa.exc.InvalidatePoolError() from exc
+        raise
 
 
 def _sqlite_on_connect(dbapi_connection: Any, record: Any) -> None:
