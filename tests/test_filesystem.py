@@ -234,14 +234,16 @@ def test_killed_writer_never_leaves_a_torn_file(root: Path) -> None:
 
 
 # ------------------------------------------------------------------ corruption
+@pytest.mark.parametrize("repeat", [10_000, 40_000], ids=["2.5MB", "10MB, hashed while read"])
 def test_bit_flipped_truncated_or_headerless_blob_is_detected_naming_the_file(
-    db: FileSystemInterface, root: Path
+    db: FileSystemInterface, root: Path, repeat: int
 ) -> None:
-    data = bytes(range(256)) * 10_000  # over the size hashed on a helper thread
+    data = bytes(range(256)) * repeat  # both over the size hashed on a helper thread while written
     path = blob_file(root, "ckpt")
     original = None
     for damage in ("flip", "flip last", "truncate", "extend", "header", "empty"):
         db.put_blob(data, "ckpt")
+        assert db.get_blob("ckpt") == data and db.get_blob_sha256("ckpt")[0] == data
         original = path.read_bytes()
         if damage.startswith("flip"):
             raw = bytearray(original)
