@@ -792,9 +792,9 @@ class _Schema:
         values.update(collection=collection, id=doc_id)
         if self.style in ("postgresql", "sqlite"):
             insert = pg_insert if self.style == "postgresql" else sqlite_insert
-            self.insert_row = (
-                insert(docs).values(**values).on_conflict_do_nothing(index_elements=["collection", "id"])
-            ).returning(docs.c.version)
+            self.insert_row = insert(docs).values(**values).on_conflict_do_nothing(index_elements=["collection", "id"])
+            if self.style == "postgresql":
+                self.insert_row = self.insert_row.returning(docs.c.version)
         else:
             self.insert_row = sa.insert(docs).values(**values)
 
@@ -1235,8 +1235,10 @@ class SQLInterface(DBInterface):
         """Insert version 1 of ``doc_id``; False if it already exists (nothing written)."""
         shared = self._shared
         params = {"c_": self.collection_name, "i_": doc_id, "v_": 1, **values}
-        if shared.style in ("postgresql", "sqlite"):
+        if shared.style == "postgresql":
             return conn.execute(shared.schema.insert_row, params).first() is not None
+        if shared.style == "sqlite":
+            return conn.execute(shared.schema.insert_row, params).rowcount == 1  # 0: the id exists
         try:
             conn.execute(shared.schema.insert_row, params)
         except sa.exc.IntegrityError as exc:
