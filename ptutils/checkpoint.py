@@ -216,8 +216,10 @@ def deserialize(data: bytes | bytearray | memoryview, where: str = "checkpoint")
 # ---------------------------------------------------------------------- RNG state
 def rng_state() -> dict[str, Any]:
     """The state of every random generator a training step may draw from."""
+    version, internal, gauss = random.getstate()
     state: dict[str, Any] = {
-        "python": random.getstate(),
+        # The Mersenne Twister's 625 words as one array: a tuple of ints is 625 values to encode.
+        "python": (version, np.array(internal, dtype=np.uint32), gauss),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
@@ -229,7 +231,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: Mapping[str, Any]) -> None:
     """Restore what :func:`rng_state` returned."""
     version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+    words = internal.tolist() if isinstance(internal, np.ndarray) else internal  # older checkpoints: ints
+    random.setstate((version, tuple(words), gauss))
     np.random.set_state(tuple(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import struct
 
 import numpy as np
@@ -169,3 +170,21 @@ def test_a_store_loads_what_it_saved_and_the_tensors_are_writable(tmp_path) -> N
     assert_same({**state, "big": big}, loaded)
     loaded["big"].zero_()
     assert torch.equal(store.read(first)["big"], big)
+
+
+def _draws() -> tuple:
+    return random.random(), float(np.random.random()), float(torch.rand(1))
+
+
+@pytest.mark.parametrize("python_state", ["array", "ints (older checkpoints)"])
+def test_rng_state_round_trips_through_a_checkpoint(python_state: str) -> None:
+    ckpt.seed_everything(3)
+    _draws()
+    state = ckpt.rng_state()
+    if python_state != "array":
+        state["python"] = random.getstate()  # how older checkpoints stored the Mersenne Twister words
+    stored = deserialize(bytes(serialize({"rng": state})))["rng"]
+    expected = _draws()
+    ckpt.seed_everything(99)
+    ckpt.set_rng_state(stored)
+    assert _draws() == expected
