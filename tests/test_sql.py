@@ -390,17 +390,22 @@ def _kill(admin: sa.Engine, dialect: str, pid: int) -> None:
         conn.commit()
 
 
-@pytest.mark.services
-def test_killed_idle_connections_are_replaced_by_pre_ping(
-    sdb: SQLInterface, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    db = sdb
+def _save_then_kill_its_pooled_connection(db: SQLInterface) -> None:
+    """Save document ``a``, then have the server kill the connection that went back to the pool."""
     db.save({"_id": "a", "n": 1})
     with db.engine.connect() as conn:
         pid = _backend_pid(conn, db.dialect)
     admin = SQLInterface(db.url).engine
     _kill(admin, db.dialect, pid)
     admin.dispose()
+
+
+@pytest.mark.services
+def test_killed_idle_connections_are_replaced_by_pre_ping(
+    sdb: SQLInterface, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = sdb
+    _save_then_kill_its_pooled_connection(db)
     monkeypatch.setattr(sql_backend_module, "PING_AFTER_IDLE_S", 0.0)  # the connection counts as idle
     with caplog.at_level(logging.WARNING, logger="ptutils"):
         assert db.load_from_id("a")["n"] == 1
@@ -410,12 +415,7 @@ def test_killed_idle_connections_are_replaced_by_pre_ping(
 @pytest.mark.services
 def test_killed_busy_connections_are_retried_without_a_ping(sdb: SQLInterface, monkeypatch: pytest.MonkeyPatch) -> None:
     db = sdb
-    db.save({"_id": "a", "n": 1})
-    with db.engine.connect() as conn:
-        pid = _backend_pid(conn, db.dialect)
-    admin = SQLInterface(db.url).engine
-    _kill(admin, db.dialect, pid)
-    admin.dispose()
+    _save_then_kill_its_pooled_connection(db)
     monkeypatch.setattr(sql_backend_module, "PING_AFTER_IDLE_S", 3600.0)  # just used: no ping
     assert db.load({"n": 1})[0]["_id"] == "a"
     db.save({"_id": "b", "n": 2})
