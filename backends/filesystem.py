@@ -368,8 +368,7 @@ class FileSystemInterface(DBInterface):
         """Like :meth:`_read_verified`, into a fresh writable buffer, hashing while reading; also the digest."""
         try:
             with open(path, "rb", buffering=0) as f:
-                head = f.read(_MAX_HEADER)
-                header = head[: head.find(b"\n") + 1]
+                header = _header_of(f.read(_MAX_HEADER))
                 size = os.fstat(f.fileno()).st_size - len(header)
                 digest = _parse_header(path, header, magic, size)
                 view = memoryview(np.empty(size, dtype=np.uint8)).cast("B")
