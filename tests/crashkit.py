@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--disk-full-at-step", nargs=2, metavar=("K", "DIR"))
     parser.add_argument("--leave-free", type=int, default=0, help="bytes left free by --disk-full-at-step")
+    parser.add_argument("--checkpoint-padding", type=int, default=0, help="bytes of a model buffer every checkpoint holds")
     parser.add_argument("--drop-root-at-step", type=int)
     args = parser.parse_args(argv)
 
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.kill_at_step is not None and session.step == args.kill_at_step:
             _kill()
         if args.disk_full_at_step and session.step == int(args.disk_full_at_step[0]):
+            session.drain()  # writes begun before step K (and the pruning after them) land before the disk fills
             filler = os.path.join(args.disk_full_at_step[1], "filler")
             with open(filler, "wb", buffering=0) as fh:  # take every free byte of the small file system
                 try:
@@ -97,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
         return session
 
     session = build(args.url, args.session_id, updates=[faults])
+    if args.checkpoint_padding:
+        import torch
+
+        session.model.module.register_buffer("padding", torch.zeros(args.checkpoint_padding, dtype=torch.uint8))
     try:
         session.run()
     finally:

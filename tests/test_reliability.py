@@ -325,8 +325,12 @@ def tiny_fs(tmp_path):
 
 def test_disk_nearly_full_fails_clearly_and_keeps_the_previous_checkpoint(tiny_fs, faults):
     url = tiny_fs.as_uri()
-    # 16 KiB stay free: enough for the small status record, not for a checkpoint.
-    proc = run_child(url, "full", "--disk-full-at-step", "7", str(tiny_fs), "--leave-free", "16384")
+    # 32 KiB stay free: enough for the small status and event records, not for a checkpoint
+    # (padded to 64 KiB, so that the margin does not hang on the checkpoint format's size).
+    free = 32768
+    proc = run_child(url, "full", "--disk-full-at-step", "7", str(tiny_fs), "--leave-free", str(free),
+                     "--checkpoint-padding", "65536")
+    assert all(blob.stat().st_size > 2 * free for blob in (tiny_fs / "checkpoints" / "blobs").glob("*.blob"))
     record = open_db(url).collection("sessions").load_from_id("full")
     bad = unreadable_checkpoints(url, "full")
     latest = CheckpointStore(open_db(url), "full").load_latest()
