@@ -16,6 +16,7 @@ import base64
 import datetime as _dt
 import hashlib
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -202,6 +203,20 @@ def decode(value: Any, *, get_blob: GetBlob | None = None, _path: str = "") -> A
         raise CorruptionError(_path or "<root>", f"malformed {kind!r} value: {exc}") from exc
 
 
+_OFFSET = re.compile(r"([+-])(\d\d):(\d\d)(?::(\d\d)(?:\.(\d{6}))?)?$")
+
+
+def _datetime_from_iso(iso: str) -> _dt.datetime:
+    """``datetime.fromisoformat``, with the UTC offset parsed here: Python 3.11 reads ``+00:00:00.000001`` as UTC."""
+    value = _dt.datetime.fromisoformat(iso)
+    offset = _OFFSET.search(iso) if value.tzinfo is not None else None
+    if offset is None:
+        return value
+    sign, hours, minutes, seconds, micros = offset.groups()
+    delta = _dt.timedelta(hours=int(hours), minutes=int(minutes), seconds=int(seconds or 0), microseconds=int(micros or 0))
+    return value.replace(tzinfo=_dt.timezone(-delta if sign == "-" else delta))
+
+
 def _decode_tagged(kind: str, obj: Mapping, get_blob: GetBlob | None, path: str) -> Any:
     if kind == "tuple":
         return tuple(decode(v, get_blob=get_blob, _path=f"{path}[{i}]") for i, v in enumerate(obj["items"]))
@@ -214,7 +229,7 @@ def _decode_tagged(kind: str, obj: Mapping, get_blob: GetBlob | None, path: str)
             raise ValueError(f"not a non-finite float: {obj['value']!r}")
         return float(obj["value"])
     if kind == "datetime":
-        return _dt.datetime.fromisoformat(obj["iso"])
+        return _datetime_from_iso(obj["iso"])
     if kind == "bytes":
         data = _unpack(obj, get_blob, path)
         return bytearray(data) if obj.get("type") == "bytearray" else data

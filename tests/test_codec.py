@@ -119,6 +119,13 @@ class BlobStore(dict):
 
 
 # ------------------------------------------------------------------ round trips
+@pytest.mark.parametrize("offset", [dt.timedelta(microseconds=1), dt.timedelta(microseconds=-1), dt.timedelta(hours=-3, microseconds=5),
+                                    dt.timedelta(seconds=30), dt.timedelta(0)])
+def test_a_datetime_keeps_its_utc_offset_to_the_microsecond(offset):
+    when = dt.datetime(2000, 1, 1, tzinfo=dt.timezone(offset))  # Python 3.11 parses +00:00:00.000001 back as UTC
+    assert_identical(when, decode(encode(when)))
+
+
 @SETTINGS
 @given(documents)
 def test_round_trip_in_memory_is_exact(doc: dict) -> None:
