@@ -269,6 +269,8 @@ class CheckpointStore:
         self.keep = keep
         self.on_warning = on_warning
         self._next_seq: int | None = None
+        self._unpinned: list[dict] = []
+        """This session's unpinned records, oldest first: pruning needs no query (one store writes a session's checkpoints)."""
 
     def records(self) -> list[dict]:
         """Checkpoint records of this session, newest first."""
@@ -289,8 +291,9 @@ class CheckpointStore:
         """
         parts = blob_parts(data)
         if self._next_seq is None:
-            latest = self.db.load_one({"session_id": self.session_id}, sort=[("seq", -1)])
-            self._next_seq = 0 if latest is None else latest["seq"] + 1
+            stored = self.records()
+            self._next_seq = 0 if not stored else stored[0]["seq"] + 1
+            self._unpinned = [r for r in reversed(stored) if not r.get("pinned")]
         seq = self._next_seq
         record_id = f"{self.session_id}.ckpt{seq:08d}"
         blob_id, digest = self.db.put_blob_sha256(parts, f"{record_id}.st")
@@ -307,13 +310,15 @@ class CheckpointStore:
         }
         self.db.save(record)
         self._next_seq = seq + 1
-        self._prune()
+        if not pinned:
+            self._unpinned.append(record)
+            self._prune()
         return record
 
     def _prune(self) -> None:
-        unpinned = self.db.load({"session_id": self.session_id, "pinned": False}, sort=[("seq", -1)])
-        for old in unpinned[self.keep :]:
-            self.delete(old)
+        while len(self._unpinned) > self.keep:
+            self.delete(self._unpinned[0])
+            del self._unpinned[0]
 
     def delete(self, record: Mapping[str, Any]) -> None:
         """Remove a checkpoint's record, then its blob."""

@@ -188,3 +188,22 @@ def test_rng_state_round_trips_through_a_checkpoint(python_state: str) -> None:
     ckpt.seed_everything(99)
     ckpt.set_rng_state(stored)
     assert _draws() == expected
+
+
+def test_a_store_keeps_the_newest_unpinned_checkpoints_of_its_own_session_only(tmp_path) -> None:
+    db = open_db(tmp_path.as_uri())
+    first = CheckpointStore(db, "s", keep=2)
+    other = CheckpointStore(db, "other", keep=2)
+    first.save({"w": torch.zeros(2)}, pinned=True, step=0, reason="initial")
+    for step in range(1, 4):
+        first.save({"w": torch.full((2,), float(step))}, step=step)
+        other.save({"w": torch.ones(2)}, step=step)
+    assert [r["step"] for r in first.records()] == [3, 2, 0]
+    assert [r["step"] for r in other.records()] == [3, 2]
+
+    resumed = CheckpointStore(db, "s", keep=2)  # a new process picks the session up
+    resumed.save({"w": torch.full((2,), 4.0)}, step=4)
+    assert [r["step"] for r in resumed.records()] == [4, 3, 0]
+    assert len(list((tmp_path / "checkpoints" / "blobs").iterdir())) == 3 + 2
+    state, record = resumed.load_latest()
+    assert record["step"] == 4 and torch.equal(state["w"], torch.full((2,), 4.0))
