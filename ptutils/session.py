@@ -28,7 +28,9 @@ from transitions import MachineError
 from transitions.extensions.nesting import HierarchicalMachine
 
 from . import status as status_mod
-from .checkpoint import CheckpointStore, rng_state, seed_everything, serialize, serialize_parts, set_rng_state
+from .checkpoint import (
+    CheckpointStore, deserialize, rng_state, seed_everything, serialize, serialize_parts, set_rng_state,
+)
 from .config import Config, build
 from .data import DataProvider, set_loader_position
 from .database import BlobData, DBInterface, backend_for, check_id, open_db
@@ -178,6 +180,11 @@ class Session:
         self._writer: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
         self._hb: Future | None = None
+        self._flush_queued = False
+        self._ahead: Future | None = None  # the start's record, written on the writer thread
+        self._start_snapshot: memoryview | None = None
+        self._start_mark = 0
+        self._start_error: BaseException | None = None
 
         self._fsm = _Lifecycle()
         record = self._status.load()
@@ -332,7 +339,8 @@ class Session:
 
     @property
     def record(self) -> dict:
-        """The status record as stored now."""
+        """The status record as stored now (once this process's pending start has been recorded)."""
+        self._await_start()
         found = self._status.load()
         if found is None:
             raise SessionError(f"session {self.id!r} has no status record")
@@ -362,8 +370,14 @@ class Session:
         return self._fire(name)
 
     def start(self) -> bool:
-        """pending -> running (first stage); False, with the blocking reason recorded, if a guard refuses."""
-        return self._fire("start")
+        """pending -> running (first stage); False, with the blocking reason recorded, if a guard refuses.
+
+        Returns once the record says running (:meth:`run` instead overlaps that
+        write with the first steps).
+        """
+        started = self._fire("start")
+        self._await_start()
+        return started
 
     def pause(self, reason: str = "requested") -> bool:
         """running -> paused; the loop checkpoints and returns at the next step boundary."""
@@ -470,8 +484,9 @@ class Session:
             push["stage_history"] = {"stage": stage, "from": None, "step": self.step, "time": now, "trigger": trigger}
         if stage:
             fields["stage"] = stage
+        initial = None
         if trigger == "start":
-            self._begin_attempt()
+            initial = self._begin_attempt()
             fields.update(started=now, blocked_by=None, queue_position=None, interrupted=False)
         if trigger in ("resume", "start"):
             fields["control.pause"] = False  # a request that reached a session not running is void
@@ -481,7 +496,7 @@ class Session:
         if trigger == "pause":
             reason = getattr(self, "_pause_reason", "requested")
             if self.state == "running":
-                self._checkpoint_with_retry()
+                self._retrying_outage(lambda: self.save_checkpoint(reason="pause"))
             fields.update(pause_reason=reason, error=self.error, **{"control.pause": False})
         if state == "complete" and self.state == "running" and self._last_checkpoint != self._position():
             self.save_checkpoint(reason="final", pinned=True)  # the trained weights outlive the process
@@ -492,7 +507,10 @@ class Session:
         fields.update(self._progress_fields())
         if state != "running":
             fields["eta_seconds"] = None
-        self._write_with_retry(fields, push or None)
+        if initial is not None:
+            self._defer_start(initial, fields, push or None)
+        else:
+            self._write_with_retry(fields, push or None)
         self._interrupt = True
         log.info("session %s: %s -> %s", self.id, self._fsm.state, dest)
 
@@ -610,13 +628,13 @@ class Session:
     def _position(self) -> tuple:
         return (self.attempt, self.stage, self.stage_step, self.step)
 
-    def _checkpoint_with_retry(self) -> None:
-        """The pause checkpoint: retried like state changes while the database is unreachable."""
+    def _retrying_outage(self, write: Callable[[], Any]) -> None:
+        """A checkpoint the record will point to: retried like state changes while the database is unreachable."""
         deadline = time.monotonic() + self.outage_wait
         delay = 0.2
         while True:
             try:
-                self.save_checkpoint(reason="pause")
+                write()
                 return
             except BackendUnavailableError:
                 if time.monotonic() + delay > deadline:
@@ -656,13 +674,17 @@ class Session:
 
     # ------------------------------------------------------------------ background writes
     def _submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        """Queue a write on the session's one writer thread (writes stay in order)."""
+        """Queue a write on the session's one writer thread (writes stay in order, after the start's record)."""
+        self._await_start()
         self._reap()
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptutils-writer")
-        future = self._writer.submit(fn, *args)
+        future = self._writer_pool().submit(fn, *args)
         self._pending.append(future)
         return future
+
+    def _writer_pool(self) -> ThreadPoolExecutor:
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptutils-writer")
+        return self._writer
 
     def _reap(self) -> None:
         """Drop finished writes; a failed one raises here, in the loop, so the session fails."""
@@ -684,6 +706,7 @@ class Session:
         logged and counted as an outage, not raised: checkpoints are periodic
         and heartbeats carry no history, so the run can go on.
         """
+        self._await_start()
         pending, self._pending = self._pending, []
         errors = []
         for future in pending:
@@ -737,15 +760,57 @@ class Session:
         return record
 
     # ------------------------------------------------------------------ lifecycle helpers
-    def _begin_attempt(self) -> None:
-        """Seed, then checkpoint the initial state *before* the record says running.
-
-        So a record that says running (or paused) always has a checkpoint to
-        resume from, and a crash before it leaves an honest ``pending``.
-        """
+    def _begin_attempt(self) -> tuple[memoryview, dict[str, Any]]:
+        """Seed, set the first stage up and snapshot the initial state (its checkpoint and info)."""
         seed_everything(self.seed)
         self._setup_stage(self.stage)
-        self.save_checkpoint(reason="initial", pinned=True)
+        self.drain()
+        self._last_checkpoint = self._position()
+        info = dict(pinned=True, attempt=self.attempt, step=self.step, stage=self.stage,
+                    stage_epoch=self.stage_epoch, batch_in_epoch=self.batch_in_epoch, reason="initial")
+        return serialize(self.state_dict()), info
+
+    def _defer_start(self, initial: tuple[memoryview, dict[str, Any]], fields: dict[str, Any],
+                     push: dict[str, Any] | None) -> None:
+        """Record the start on the writer thread while the first steps run.
+
+        The initial checkpoint is written *before* the record says running, so a
+        record that says running (or paused) always has a checkpoint to resume
+        from, and a crash before it leaves an honest ``pending``.  The loop runs
+        ahead of that record only until its first background write, state change
+        or read of the record, which all wait for it; if it cannot be written the
+        start is undone (:meth:`_await_start`).
+        """
+        snapshot, info = initial
+        self._start_snapshot = snapshot
+        self._start_mark = self._status.last_event()
+
+        def record_start() -> None:
+            self._retrying_outage(lambda: self._write_checkpoint(snapshot, info))
+            self._write_with_retry(fields, push)
+
+        self._ahead = self._writer_pool().submit(record_start)
+
+    def _await_start(self) -> None:
+        """Wait until the start is recorded; if it could not be, go back to pending with the initial state."""
+        ahead = self._ahead
+        if ahead is None:
+            return
+        try:
+            ahead.result()
+        except BaseException as exc:
+            self._ahead = None
+            state = deserialize(self._start_snapshot, "the initial state of the start being undone")
+            self._start_snapshot = None
+            self._machine.set_state("pending", model=self._fsm)
+            self._load_state(state, with_updates=True)
+            self._last_checkpoint = None
+            self._status.discard_events_after(self._start_mark)  # the undone steps' epochs and such
+            self._start_error = exc
+            log.error("session %s: its start could not be recorded, so it is pending again: %s", self.id, exc)
+            raise
+        self._ahead = None
+        self._start_snapshot = None
 
     def _archive_attempt(self, fields: dict[str, Any]) -> None:
         current = self.record
@@ -786,7 +851,7 @@ class Session:
         with its traceback recorded, then propagates.
         """
         if self.state == "pending":
-            if not self.start():
+            if not self._fire("start"):
                 return self
         elif self.state == "paused":
             if self._needs_restore:
@@ -798,7 +863,9 @@ class Session:
             self._loop()
             self.drain()
         except BaseException as exc:
-            if isinstance(exc, BackendUnavailableError):
+            if exc is self._start_error:
+                pass  # the start was undone: the session is pending, as its record says
+            elif isinstance(exc, BackendUnavailableError):
                 log.error("session %s stopped: the database stayed unreachable: %s", self.id, exc)
             elif self.state in ("running", "paused", "pending"):
                 try:
@@ -940,6 +1007,7 @@ class Session:
         self.event = "step"
         # Logged even when an update just changed the stage: the epoch's metrics belong to its stage.
         self.log_event("epoch", stage=stage.name, stage_epoch=epoch, metrics=dict(self.metrics))
+        self._flush_soon()
         if not self.is_running or self._interrupt:
             return
         if self.checkpoint_every_epochs and self.stage_epoch % self.checkpoint_every_epochs == 0:
@@ -960,6 +1028,21 @@ class Session:
             log.warning("session %s: not checkpointing a non-finite state at step %d", self.id, self.step)
             return
         self.save_checkpoint(background=True)
+        self._flush_soon()  # its event, once the write has logged it
+
+    def _flush_soon(self) -> None:
+        """Write buffered events on the writer thread, so a state change has few left to wait for."""
+        if not self._flush_queued:
+            self._flush_queued = True
+            try:
+                self._submit(self._flush_events)
+            except BaseException:
+                self._flush_queued = False
+                raise
+
+    def _flush_events(self) -> None:
+        self._flush_queued = False
+        self._status.try_flush()
 
     # ------------------------------------------------------------------ evaluation
     def _eval_batch(self, batch: Any) -> torch.Tensor:
@@ -1033,6 +1116,8 @@ class Session:
 
     def _heartbeat(self) -> None:
         """Queue a progress write; act on the record the previous one read (a pause request)."""
+        if self._ahead is not None and not self._ahead.done():
+            return  # the start is still being written: beat at the first step after it, without waiting
         self._status.schedule()
         previous = self._hb
         if previous is not None:

@@ -82,6 +82,7 @@ class StatusWriter:
         self._next = 0.0
         self._buffer: list[dict] = []
         self._seq = itertools.count(1)
+        self._last_seq = 0
         self._token = uuid.uuid4().hex[:8]
         self._rate: float | None = None
         self._last_sample: tuple[float, int] | None = None
@@ -120,10 +121,7 @@ class StatusWriter:
         if push:
             changes["$push"] = dict(push)
         record = self.sessions.update(self.session_id, changes)
-        try:
-            self.flush()
-        except StorageError as exc:
-            self._failed(exc)
+        self.try_flush()
         return record
 
     # ------------------------------------------------------------------ heartbeat
@@ -171,7 +169,7 @@ class StatusWriter:
     # ------------------------------------------------------------------ events
     def event(self, kind: str, **data: Any) -> None:
         """Buffer one event (metrics, monitor firing, restore ...) for the next write."""
-        seq = next(self._seq)
+        seq = self._last_seq = next(self._seq)
         event_id = f"{self.session_id}.{self._token}.{seq:08d}"  # re-saving after a lost reply replaces, never duplicates
         self._buffer.append(
             {"_id": event_id, "session_id": self.session_id, "kind": kind, "time": time.time(), "seq": seq, **data}
@@ -182,6 +180,21 @@ class StatusWriter:
         while self._buffer:
             self.events.save(self._buffer[0])
             self._buffer.pop(0)
+
+    def last_event(self) -> int:
+        """The sequence number of the last event buffered (0 before the first)."""
+        return self._last_seq
+
+    def discard_events_after(self, seq: int) -> None:
+        """Drop buffered events logged after ``seq`` (they belong to steps that were undone)."""
+        self._buffer = [e for e in self._buffer if e["seq"] <= seq]
+
+    def try_flush(self) -> None:
+        """Flush, counting a failure as an outage: the events stay buffered for the next write."""
+        try:
+            self.flush()
+        except StorageError as exc:
+            self._failed(exc)
 
     def load_events(self, kind: str | None = None) -> list[dict]:
         """This session's events (of one ``kind``) in time order."""

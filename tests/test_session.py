@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ptutils import open_db
-from ptutils.errors import SessionError, StorageError, TransitionError
+from ptutils.checkpoint import CheckpointStore
+from ptutils.errors import BackendUnavailableError, SessionError, StorageError, TransitionError
 from ptutils.session import Session
 from ptutils.status import StatusWriter, request_pause
 from ptutils.update import Monitor, Threshold, every_n_steps
@@ -293,6 +294,45 @@ def test_write_ahead_failure_cancels_the_transition(url, monkeypatch):
         s.pause()
     monkeypatch.undo()
     assert s.state == "running" and s.record["state"] == "running"
+
+
+@pytest.mark.parametrize("error", [StorageError("disk full"), BackendUnavailableError("database down")])
+def test_a_start_run_cannot_record_is_undone_back_to_pending(url, monkeypatch, error):
+    s = session(url, outage_wait=0.3)
+    initial = weights(s)
+    steps = []
+    s.updates.append(lambda sess: steps.append(sess.step))
+    write = CheckpointStore.write
+
+    def refuse_initial(self, data, **info):
+        if info["reason"] == "initial":
+            raise error
+        return write(self, data, **info)
+
+    monkeypatch.setattr(CheckpointStore, "write", refuse_initial)
+    with pytest.raises(type(error)):
+        s.run()
+    assert s.state == "pending" and s.record["state"] == "pending"
+    assert s.step == 0 and same_weights(weights(s), initial)
+    assert 1 <= max(steps) <= 5  # run() records its start while the first steps run, but not past the first epoch
+    monkeypatch.undo()
+    s.run()
+    assert s.state == "complete" and same_weights(weights(s), weights(session(url).run()))
+    assert [e["stage_epoch"] for e in s.events("epoch")] == [1, 2, 3]  # none from the undone steps
+
+
+def test_events_are_written_while_the_session_runs(url):
+    stored = []
+
+    def look(sess):
+        if sess.event == "epoch" and sess.stage_epoch == 2:
+            sess.drain()
+            events = open_db(url).collection("events").load({"session_id": sess.id, "kind": "epoch"})
+            stored.extend(e["stage_epoch"] for e in events)
+        return sess
+
+    session(url, updates=[look], status_interval=3600).run()
+    assert stored == [1]  # epoch 2's event is logged after its updates
 
 
 def test_restart_is_a_new_attempt_with_history_and_fresh_weights(url):
