@@ -276,8 +276,12 @@ class FileSystemInterface(DBInterface):
             os.close(fd)
 
     # ----------------------------------------------------------------- files
-    def _atomic_write(self, final: str, write: Callable[[int], None]) -> None:
-        """Replace ``final`` by what ``write(fd)`` writes, so that readers see all of it or the old file."""
+    def _atomic_write(self, final: str, write: Callable[[int], None], *, sync_dir: bool = True) -> None:
+        """Replace ``final`` by what ``write(fd)`` writes, so that readers see all of it or the old file.
+
+        ``sync_dir=False`` leaves the directory's fsync (which makes the rename
+        durable) to the caller, who writes several files and syncs once.
+        """
         directory = os.path.dirname(final)
         tmp = os.path.join(directory, TMP_PREFIX + uuid.uuid4().hex)
         try:
@@ -297,17 +301,18 @@ class FileSystemInterface(DBInterface):
             if isinstance(exc, OSError):
                 raise _os_error("write", final, exc, "the previous version is unchanged") from exc
             raise
-        _fsync_dir(directory)
+        if sync_dir:
+            _fsync_dir(directory)
 
-    def _write_payload(self, final: str, magic: bytes, payload: bytes) -> None:
+    def _write_payload(self, final: str, magic: bytes, payload: bytes, *, sync_dir: bool = True) -> None:
         """Atomically replace ``final`` by a header with the payload's checksum, then the payload."""
         digest = hashlib.sha256(payload).hexdigest().encode("ascii")
+        data = _header(magic, digest, len(payload)) + payload
 
         def write(fd: int) -> None:
-            _write_all(fd, _header(magic, digest, len(payload)))
-            _write_all(fd, payload)
+            _write_all(fd, data)
 
-        self._atomic_write(final, write)
+        self._atomic_write(final, write, sync_dir=sync_dir)
 
     def _write_parts(self, final: str, magic: bytes, parts: list[memoryview]) -> str:
         """Atomically replace ``final`` by a header and the parts, hashed while written; return the digest."""
@@ -403,12 +408,12 @@ class FileSystemInterface(DBInterface):
             raise CorruptionError(path, f"is not a stored document with _id {doc_id!r} and an integer _version")
         return doc
 
-    def _write_doc(self, doc: dict) -> None:
+    def _write_doc(self, doc: dict, *, sync_dir: bool = True) -> None:
         try:
             payload = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode("ascii")
         except (TypeError, ValueError) as exc:
             raise CodecError(doc.get("_id", ""), f"document is not plain JSON after encoding ({exc})") from exc
-        self._write_payload(self._doc_path(doc["_id"]), DOC_MAGIC, payload)
+        self._write_payload(self._doc_path(doc["_id"]), DOC_MAGIC, payload, sync_dir=sync_dir)
 
     def _doc_ids(self) -> list[str]:
         try:
@@ -456,14 +461,28 @@ class FileSystemInterface(DBInterface):
             return {"_id": doc_id, "_version": 0}
 
     def _write(self, doc_id: str, body: dict) -> dict | None:
-        check_id(doc_id)
+        return self._write_many([(doc_id, body)])[0]
+
+    def _write_many(self, items: Sequence[tuple[str, dict]]) -> list[dict | None]:
+        """Write each document under one lock, with one fsync of the directory for all the renames."""
+        for doc_id, _ in items:
+            check_id(doc_id)
+        olds: list[dict | None] = []
         with self._locked():
-            old = self._read_doc_for_removal(doc_id)
-            version = old["_version"] + 1 if old is not None else 1
-            doc = {"_id": doc_id, "_version": version}
-            doc.update((k, v) for k, v in body.items() if k not in ("_id", "_version"))
-            self._write_doc(doc)
-        return old
+            try:
+                for doc_id, body in items:
+                    old = self._read_doc_for_removal(doc_id)
+                    doc = {"_id": doc_id, "_version": old["_version"] + 1 if old is not None else 1}
+                    doc.update((k, v) for k, v in body.items() if k not in ("_id", "_version"))
+                    self._write_doc(doc, sync_dir=False)
+                    olds.append(old)
+            except BaseException:
+                if olds:
+                    with contextlib.suppress(StorageError):
+                        _fsync_dir(self._docs)  # keep the documents already written
+                raise
+            _fsync_dir(self._docs)
+        return olds
 
     def _get(self, ids: Sequence[str]) -> dict[str, dict]:
         found = {}

@@ -520,25 +520,42 @@ class MongoInterface(DBInterface):
 
     # ----------------------------------------------------------------- primitives
     def _write(self, doc_id: str, body: dict) -> dict | None:
-        fields = {k: v for k, v in body.items() if k not in ("_id", "_version")}
+        return self._write_many([(doc_id, body)])[0]
 
-        def op() -> dict | None:
+    def _write_many(self, items: Sequence[tuple[str, dict]]) -> list[dict | None]:
+        """Insert the new documents with one ``insert_many``; replace the others one by one."""
+        docs = [(doc_id, {k: v for k, v in body.items() if k not in ("_id", "_version")}) for doc_id, body in items]
+
+        def op() -> list[dict | None]:
             self._ensure_indexes()
             coll = self._coll
-            while True:
+            exists: set[int] = set()
+            try:
+                coll.insert_many([{"_id": i, "_version": 1, **f} for i, f in docs], ordered=False)
+            except pymongo.errors.BulkWriteError as exc:
+                errors = exc.details.get("writeErrors", [])
+                for error in errors:
+                    if error.get("code") != 11000:  # not "exists": report it as a single insert would have
+                        raise pymongo.errors.OperationFailure(error.get("errmsg", str(exc)), error.get("code")) from exc
+                exists = {e["index"] for e in errors}
+            return [self._replace_existing(coll, *docs[n]) if n in exists else None for n in range(len(docs))]
+
+        return self._call(op, write=True)
+
+    @staticmethod
+    def _replace_existing(coll: Any, doc_id: str, fields: dict) -> dict | None:
+        """Replace a stored document (version + 1); the old one, or None if it vanished and was inserted."""
+        while True:
+            old = _plain(coll.find_one({"_id": doc_id}))
+            if old is None:
                 try:
                     coll.insert_one({"_id": doc_id, "_version": 1, **fields})
                     return None
                 except pymongo.errors.DuplicateKeyError:
-                    pass
-                old = _plain(coll.find_one({"_id": doc_id}))
-                if old is None:
                     continue
-                new = {"_id": doc_id, "_version": old["_version"] + 1, **fields}
-                if coll.replace_one({"_id": doc_id, "_version": old["_version"]}, new).matched_count == 1:
-                    return old
-
-        return self._call(op, write=True)
+            new = {"_id": doc_id, "_version": old["_version"] + 1, **fields}
+            if coll.replace_one({"_id": doc_id, "_version": old["_version"]}, new).matched_count == 1:
+                return old
 
     def _get(self, ids: Sequence[str]) -> dict[str, dict]:
         unique = list(dict.fromkeys(ids))

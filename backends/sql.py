@@ -1253,17 +1253,25 @@ class SQLInterface(DBInterface):
 
     # ----------------------------------------------------------------- primitives
     def _write(self, doc_id: str, body: dict) -> dict | None:
-        self._prepare()
-        values = self._body_values(body)
+        return self._write_many([(doc_id, body)])[0]
 
-        def op(conn: sa.Connection) -> dict | None:
-            if self._insert_new(conn, doc_id, values):
-                return None
-            row = self._locked_row(conn, doc_id)
-            if row is None:
-                raise _RetryOperation()
-            self._replace(conn, doc_id, int(row[1]) + 1, values)
-            return self._row_doc(row)
+    def _write_many(self, items: Sequence[tuple[str, dict]]) -> list[dict | None]:
+        """Insert or replace each document, all in one transaction."""
+        self._prepare()
+        rows = [(doc_id, self._body_values(body)) for doc_id, body in items]
+
+        def op(conn: sa.Connection) -> list[dict | None]:
+            olds: list[dict | None] = []
+            for doc_id, values in rows:
+                if self._insert_new(conn, doc_id, values):
+                    olds.append(None)
+                    continue
+                row = self._locked_row(conn, doc_id)
+                if row is None:
+                    raise _RetryOperation()
+                self._replace(conn, doc_id, int(row[1]) + 1, values)
+                olds.append(self._row_doc(row))
+            return olds
 
         return self._run(op, write=True)
 

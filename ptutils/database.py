@@ -193,12 +193,8 @@ class DBInterface(abc.ABC):
     # ----------------------------------------------------------------- public API
     def save(self, doc: Mapping[str, Any]) -> str:
         """Store ``doc`` and return its id; a doc with an ``_id`` replaces that document."""
-        if not isinstance(doc, Mapping):
-            raise TypeError(f"save() expects a mapping, got {type(doc).__name__}")
-        body = {k: v for k, v in doc.items() if k not in ("_id", "_version")}
-        doc_id = check_id(doc["_id"]) if "_id" in doc else new_id()
         written: list[str] = []
-        encoded = self._encode(body, written)
+        doc_id, encoded = self._prepare_save(doc, written, "save()")
         try:
             old = self._write(doc_id, encoded)
         except BaseException:
@@ -207,6 +203,36 @@ class DBInterface(abc.ABC):
         if old is not None:
             self._delete_blobs(stored_refs(old) - set(written))
         return doc_id
+
+    def save_many(self, docs: Iterable[Mapping[str, Any]]) -> list[str]:
+        """:meth:`save` each of ``docs`` in one lock, transaction or round trip; returns their ids.
+
+        Every document is checked and encoded before any is written, so a bad
+        one stores nothing.  Each is written atomically; if the database fails
+        part-way some may be stored, and saving them again replaces them.
+        """
+        written: list[str] = []
+        try:
+            prepared = [self._prepare_save(doc, written, "save_many()") for doc in docs]
+            olds = self._write_many(prepared) if prepared else []
+        except BaseException:
+            self._delete_blobs(written)
+            raise
+        kept = set(written)
+        stale: set[str] = set()
+        for old in olds:
+            if old is not None:
+                stale |= stored_refs(old) - kept
+        self._delete_blobs(stale)
+        return [doc_id for doc_id, _ in prepared]
+
+    def _prepare_save(self, doc: Mapping[str, Any], written: list[str], caller: str) -> tuple[str, dict]:
+        """The id and encoded body of a document to save (its large arrays already stored as blobs)."""
+        if not isinstance(doc, Mapping):
+            raise TypeError(f"{caller} expects mappings, got {type(doc).__name__}")
+        body = {k: v for k, v in doc.items() if k not in ("_id", "_version")}
+        doc_id = check_id(doc["_id"]) if "_id" in doc else new_id()
+        return doc_id, self._encode(body, written)
 
     def load(
         self,
@@ -414,6 +440,10 @@ class DBInterface(abc.ABC):
     @abc.abstractmethod
     def _write(self, doc_id: str, body: dict) -> dict | None:
         """Insert or replace ``doc_id`` with ``body`` (+ _id, _version); return the replaced doc."""
+
+    def _write_many(self, items: Sequence[tuple[str, dict]]) -> list[dict | None]:
+        """:meth:`_write` each ``(id, body)``, returning the documents replaced; backends batch it."""
+        return [self._write(doc_id, body) for doc_id, body in items]
 
     @abc.abstractmethod
     def _get(self, ids: Sequence[str]) -> dict[str, dict]:

@@ -264,6 +264,29 @@ def test_given_id_is_kept_and_save_replaces_the_document(db: DBInterface) -> Non
     assert db.exists("run-1.a_B") and not db.exists("run-2")
 
 
+def test_save_many_stores_new_documents_and_replaces_given_ids(db: DBInterface) -> None:
+    db.save({"_id": "old", "v": 0, "w": np.ones(BIG)})
+    stale = blob_ref(db, "old", "w")
+    ids = db.save_many([{"_id": "a", "v": 1}, {"v": 2, "w": np.arange(BIG)}, {"_id": "old", "v": 3}, {"_id": "a", "v": 4}])
+    assert ids[0] == ids[3] == "a" and ids[2] == "old" and check_id(ids[1]) == ids[1]
+    assert {d["_id"]: (d["v"], d["_version"]) for d in db.load()} == {"a": (4, 2), ids[1]: (2, 1), "old": (3, 2)}
+    assert_identical(np.arange(BIG), db.load_from_id(ids[1])["w"])
+    assert not blob_exists(db, stale)  # the replaced document's blob went with it
+    assert db.save_many([]) == []
+
+
+def test_save_many_stores_nothing_when_one_document_is_bad(db: DBInterface, monkeypatch) -> None:
+    put, blobs = db.put_blob, []
+    monkeypatch.setattr(db, "put_blob", lambda data, blob_id=None: blobs.append(put(data, blob_id)) or blobs[-1])
+    with pytest.raises(InvalidIdError):
+        db.save_many([{"_id": "fine", "w": np.ones(BIG)}, {"_id": "../escape", "v": 1}])
+    with pytest.raises(CodecError, match="bad"):
+        db.save_many([{"_id": "fine", "v": 1}, {"_id": "other", "bad": object()}])
+    with pytest.raises(TypeError, match="mappings"):
+        db.save_many([{"_id": "fine"}, ["not", "a", "mapping"]])
+    assert db.count() == 0 and len(blobs) == 1 and not blob_exists(db, blobs[0])
+
+
 BAD_IDS = [
     "../x", "..", ".", "a/b", "/etc/passwd", "x/../../etc/passwd", "a\x00b", "\x00", "", ".hidden",
     "a..b", "a\\b", "C:x", "a b", "x' OR '1'='1", "ü", "a" * 129, "a\n", 5, None, b"bytes",
