@@ -180,7 +180,6 @@ class Session:
         self._writer: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
         self._hb: Future | None = None
-        self._flush_queued = False
         self._ahead: Future | None = None  # the start's record, written on the writer thread
         self._start_snapshot: memoryview | None = None
         self._start_mark = 0
@@ -643,6 +642,10 @@ class Session:
                 delay = min(delay * 2, 10.0)
 
     def _write_checkpoint(self, data: BlobData, info: dict[str, Any]) -> dict:
+        if info["reason"] != "initial":
+            # Events first: a resume starts after this checkpoint, so what was logged before it must be stored by
+            # then.  (Not before the initial one: until the start is recorded, the steps run may yet be undone.)
+            self._status.try_flush()
         record = self.checkpoints.write(data, **info)
         self.log_event("checkpoint", checkpoint=record["_id"], reason=info["reason"])
         return record
@@ -1007,7 +1010,6 @@ class Session:
         self.event = "step"
         # Logged even when an update just changed the stage: the epoch's metrics belong to its stage.
         self.log_event("epoch", stage=stage.name, stage_epoch=epoch, metrics=dict(self.metrics))
-        self._flush_soon()
         if not self.is_running or self._interrupt:
             return
         if self.checkpoint_every_epochs and self.stage_epoch % self.checkpoint_every_epochs == 0:
@@ -1028,21 +1030,6 @@ class Session:
             log.warning("session %s: not checkpointing a non-finite state at step %d", self.id, self.step)
             return
         self.save_checkpoint(background=True)
-        self._flush_soon()  # its event, once the write has logged it
-
-    def _flush_soon(self) -> None:
-        """Write buffered events on the writer thread, so a state change has few left to wait for."""
-        if not self._flush_queued:
-            self._flush_queued = True
-            try:
-                self._submit(self._flush_events)
-            except BaseException:
-                self._flush_queued = False
-                raise
-
-    def _flush_events(self) -> None:
-        self._flush_queued = False
-        self._status.try_flush()
 
     # ------------------------------------------------------------------ evaluation
     def _eval_batch(self, batch: Any) -> torch.Tensor:

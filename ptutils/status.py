@@ -4,7 +4,8 @@ One record per session lives in the ``sessions`` collection of the session's
 DBInterface, under the session id.  State changes are written immediately and
 *before* they take effect (write-ahead); progress, ETA and the heartbeat are
 written at most every ``interval`` seconds, together with buffered events
-(metrics, monitor firings, restores) in the ``events`` collection.  The same
+(metrics, monitor firings, restores) in the ``events`` collection: one document
+per kind and write, holding that write's events of the kind in ``events``.  The same
 write returns the record, so a pause requested from another process
 (``request_pause``) is seen at the next heartbeat.
 
@@ -30,6 +31,8 @@ log = logging.getLogger("ptutils")
 
 SESSIONS = "sessions"
 EVENTS = "events"
+EVENTS_PER_DOC = 1000
+"""Events of one kind stored together in one document of the ``events`` collection (one per flush)."""
 
 
 def stale_after(interval: float) -> float:
@@ -176,10 +179,28 @@ class StatusWriter:
         )
 
     def flush(self) -> None:
-        """Write buffered events; on failure they stay buffered for the next try."""
-        while self._buffer:
-            self.events.save(self._buffer[0])
-            self._buffer.pop(0)
+        """Write buffered events, one document per kind; on failure they stay buffered for the next try."""
+        pending = list(self._buffer)
+        if pending:
+            self.events.save_many(self._batches(pending))
+            del self._buffer[: len(pending)]  # events logged meanwhile (by another thread) stay
+
+    def _batches(self, events: list[dict]) -> list[dict]:
+        """Events grouped by kind, at most :data:`EVENTS_PER_DOC` to a document.
+
+        A document's id is its first event's: a flush retried after a lost
+        reply, with more events since, replaces what the first try stored.
+        """
+        by_kind: dict[str, list[dict]] = {}
+        for event in events:
+            by_kind.setdefault(event["kind"], []).append(event)
+        docs = []
+        for kind, group in by_kind.items():
+            for start in range(0, len(group), EVENTS_PER_DOC):
+                chunk = group[start : start + EVENTS_PER_DOC]
+                docs.append({"_id": chunk[0]["_id"], "session_id": self.session_id, "kind": kind,
+                             "time": chunk[0]["time"], "events": chunk})
+        return docs
 
     def last_event(self) -> int:
         """The sequence number of the last event buffered (0 before the first)."""
@@ -201,7 +222,8 @@ class StatusWriter:
         query: dict[str, Any] = {"session_id": self.session_id}
         if kind is not None:
             query["kind"] = kind
-        return self.events.load(query, sort=[("time", 1), ("seq", 1)])
+        events = [e for doc in self.events.load(query) for e in doc.get("events") or [doc]]  # or one event a document, as before
+        return sorted(events, key=lambda e: (e["time"], e["seq"]))
 
 
 def db_reachable(db: DBInterface) -> Callable[[Any], bool]:

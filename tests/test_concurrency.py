@@ -127,7 +127,7 @@ def test_status_writes_from_8_processes_to_one_session_record_lose_nothing(db: D
     total = WORKERS * rounds
     assert record["step"] == total and record["metrics"]["samples"] == 16 * total
     assert record["_version"] == version + 2 * total
-    events = db.collection("events").load({"session_id": owner.id, "kind": "metric"})
+    events = StatusWriter(db, owner.id).load_events("metric")
     assert sorted((e["worker"], e["k"]) for e in events) == sorted(expected)
     owner.close()
     operations = 3 * total  # a status write, an increment and an event per round

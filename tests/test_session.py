@@ -321,18 +321,22 @@ def test_a_start_run_cannot_record_is_undone_back_to_pending(url, monkeypatch, e
     assert [e["stage_epoch"] for e in s.events("epoch")] == [1, 2, 3]  # none from the undone steps
 
 
-def test_events_are_written_while_the_session_runs(url):
+def test_events_are_stored_before_the_checkpoint_a_resume_would_start_from(url):
     stored = []
 
     def look(sess):
-        if sess.event == "epoch" and sess.stage_epoch == 2:
-            sess.drain()
-            events = open_db(url).collection("events").load({"session_id": sess.id, "kind": "epoch"})
+        if sess.event == "step" and sess.step == 2:
+            sess.drain()  # the one heartbeat (queued at step 1) is written before any event is logged
+        if sess.event == "epoch" and sess.stage_epoch == 2:  # before epoch 2's event and checkpoint
+            sess.drain()  # epoch 1's checkpoint is written: a crash now would resume after epoch 1
+            events = StatusWriter(open_db(url), sess.id).load_events("epoch")
             stored.extend(e["stage_epoch"] for e in events)
         return sess
 
-    session(url, updates=[look], status_interval=3600).run()
-    assert stored == [1]  # epoch 2's event is logged after its updates
+    s = session(url, updates=[look], status_interval=3600, checkpoint_every_epochs=1)
+    s.start()  # recorded now, so the one heartbeat comes at step 1
+    s.run()
+    assert stored == [1]
 
 
 def test_restart_is_a_new_attempt_with_history_and_fresh_weights(url):

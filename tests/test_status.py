@@ -9,7 +9,7 @@ import torch
 
 from ptutils import open_db
 from ptutils.model import cuda_free
-from ptutils.status import db_reachable, describe, is_stale, request_pause
+from ptutils.status import EVENTS, StatusWriter, db_reachable, describe, is_stale, request_pause
 
 from .sessionkit import session
 
@@ -102,3 +102,23 @@ def test_new_session_and_restart_are_told_apart(url):
     s.run()
     s.restart()
     assert s.record["attempt"] == 2 and s.record["previous_attempt"].endswith(".attempt1")
+
+
+def test_events_are_written_one_document_per_kind_and_read_back_in_order(url):
+    db = open_db(url)
+    status = StatusWriter(db, "s")
+    db.collection(EVENTS).save({"_id": "s.older.00000001", "session_id": "s", "kind": "epoch", "time": 0.0, "seq": 1,
+                                "stage_epoch": 0})  # an event stored on its own, as earlier versions did
+    for epoch in range(1, 4):
+        status.event("epoch", stage_epoch=epoch, metrics={"loss": 1.0 / epoch})
+        status.event("checkpoint", checkpoint=f"c{epoch}")
+    status.flush()
+    status.event("epoch", stage_epoch=4, metrics={})
+    status.flush()
+    assert sorted(d["kind"] for d in db.collection(EVENTS).load({"session_id": "s"})) == [
+        "checkpoint", "epoch", "epoch", "epoch"]
+    epochs = status.load_events("epoch")
+    assert [e["stage_epoch"] for e in epochs] == [0, 1, 2, 3, 4]
+    assert epochs[2]["metrics"] == {"loss": 0.5} and epochs[2]["session_id"] == "s"
+    assert [e["checkpoint"] for e in status.load_events("checkpoint")] == ["c1", "c2", "c3"]
+    assert len(status.load_events()) == 8
