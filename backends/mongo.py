@@ -520,10 +520,23 @@ class MongoInterface(DBInterface):
 
     # ----------------------------------------------------------------- primitives
     def _write(self, doc_id: str, body: dict) -> dict | None:
-        return self._write_many([(doc_id, body)])[0]
+        fields = {k: v for k, v in body.items() if k not in ("_id", "_version")}
+
+        def op() -> dict | None:
+            self._ensure_indexes()
+            coll = self._coll
+            try:
+                coll.insert_one({"_id": doc_id, "_version": 1, **fields})
+                return None
+            except pymongo.errors.DuplicateKeyError:
+                return self._replace_existing(coll, doc_id, fields)
+
+        return self._call(op, write=True)
 
     def _write_many(self, items: Sequence[tuple[str, dict]]) -> list[dict | None]:
         """Insert the new documents with one ``insert_many``; replace the others one by one."""
+        if len(items) == 1:
+            return [self._write(*items[0])]
         docs = [(doc_id, {k: v for k, v in body.items() if k not in ("_id", "_version")}) for doc_id, body in items]
 
         def op() -> list[dict | None]:
