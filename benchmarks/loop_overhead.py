@@ -4,6 +4,8 @@ The same tiny MLP (784 -> 256 -> 10, SGD, fixed seed, in-memory synthetic
 tensors, one thread) trains for the same steps as:
 
 * ``raw``:       a hand-written loop (the baseline);
+* ``raw+ckpt``:  the same loop saving model and optimizer with ``torch.save`` and
+                 fsync every 500 steps (what the Session's checkpoints cost bare);
 * ``session``:   a ptutils Session with status persisted to the filesystem
                  backend and a checkpoint every 500 steps;
 * ``ignite`` / ``lightning`` when installed (``pip install ptutils[bench]``):
@@ -11,9 +13,13 @@ tensors, one thread) trains for the same steps as:
   checkpointing and progress bar off.
 
 All read the same precomputed batches through the same DataLoader.  Variants
-are interleaved over several rounds; the table shows median time, the ratio to
-the raw loop and the added microseconds per step, and whether the final
-weights are bitwise identical to the raw loop's.  "steady us/step" is the
+are interleaved over several rounds, and the raw loop runs before every other
+variant and once more at the end of a round, so each variant's ratio in a
+round is to the mean of the raw runs just before and just after it (the
+machine is shared: its speed drifts within a round).  The table shows the
+median time, the median of those ratios, the ratio of the best (fastest) runs,
+the added microseconds per step, and whether the final weights are bitwise
+identical to the raw loop's.  "steady us/step" is the
 Session's added cost per step between the end of step 1 and the end of the last
 step (same round, same window in the raw loop): the loop itself, without the
 durable start (record + initial checkpoint, fsync'd) and the final write.
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -72,7 +79,7 @@ STEADY: dict[str, float] = {}
 """Seconds from the end of step 1 to the end of the last step, per variant (no start-up or shutdown)."""
 
 
-def run_raw(init: nn.Module, batches: list, steps: int) -> tuple[float, nn.Module]:
+def run_raw(init: nn.Module, batches: list, steps: int, checkpoint_dir: str | None = None) -> tuple[float, nn.Module]:
     model = copy.deepcopy(init)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     loss_fn = nn.CrossEntropyLoss()
@@ -88,11 +95,29 @@ def run_raw(init: nn.Module, batches: list, steps: int) -> tuple[float, nn.Modul
             step += 1
             if step == 1:
                 first = time.perf_counter()
+            if checkpoint_dir is not None and step % CHECKPOINT_EVERY == 0:
+                save_fsynced({"model": model.state_dict(), "optimizer": opt.state_dict()}, f"{checkpoint_dir}/{step}.pt")
             if step == steps:
                 break
     end = time.perf_counter()
-    STEADY["raw"] = end - first
+    if checkpoint_dir is None:
+        STEADY["raw"] = end - first
     return end - start, model
+
+
+CHECKPOINT_EVERY = 500
+
+
+def save_fsynced(state: dict, path: str) -> None:
+    with open(path, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def run_raw_checkpointed(init: nn.Module, batches: list, steps: int) -> tuple[float, nn.Module]:
+    with tempfile.TemporaryDirectory() as tmp:
+        return run_raw(init, batches, steps, checkpoint_dir=tmp)
 
 
 class Stopwatch:
@@ -124,7 +149,7 @@ def run_session(init: nn.Module, batches: list, steps: int) -> tuple[float, nn.M
         watch = Stopwatch(steps)
         session = Session(
             model, _Provider(batches), stages=[{"name": "train", "data": "train", "max_steps": steps}],
-            db=f"file://{tmp}", checkpoint_every_steps=500, checkpoint_every_epochs=None, name="bench",
+            db=f"file://{tmp}", checkpoint_every_steps=CHECKPOINT_EVERY, checkpoint_every_epochs=None, name="bench",
             updates=[watch],
         )
         start = time.perf_counter()
@@ -176,7 +201,7 @@ def run_lightning(init: nn.Module, batches: list, steps: int) -> tuple[float, nn
 
 
 def available() -> dict[str, Callable]:
-    variants: dict[str, Callable] = {"raw": run_raw, "session": run_session}
+    variants: dict[str, Callable] = {"raw": run_raw, "raw+ckpt": run_raw_checkpointed, "session": run_session}
     try:
         import ignite  # noqa: F401
 
@@ -211,7 +236,8 @@ def main() -> None:
     torch.set_num_threads(1)
     variants = available()
     print(f"{args.steps} steps, {args.rounds} interleaved rounds, torch {torch.__version__}, 1 thread")
-    print(f"{'batch':>5} {'variant':<10} {'median s':>9} {'x raw':>7} {'us/step':>9} {'steady us/step':>15} {'same weights':>13}")
+    print(f"{'batch':>5} {'variant':<10} {'median s':>9} {'x raw':>7} {'best x raw':>11} {'us/step':>9} "
+          f"{'steady us/step':>15} {'same weights':>13}")
     for batch_size in args.batch_sizes:
         batches = make_batches(batch_size)
         init = make_mlp()
@@ -220,27 +246,30 @@ def main() -> None:
         ratios: dict[str, list[float]] = {name: [] for name in variants}
         identical: dict[str, bool] = {}
         for _ in range(args.rounds):
-            raw_time, raw_model = run_raw(init, batches, args.steps)
-            steady["raw"].append(STEADY["raw"])
-            times["raw"].append(raw_time)
-            ratios["raw"].append(1.0)
+            before, raw_model = run_raw(init, batches, args.steps)
+            before_steady = STEADY["raw"]
             for name, fn in variants.items():
                 if name == "raw":
                     continue
                 elapsed, model = fn(init, batches, args.steps)
+                after, _ = run_raw(init, batches, args.steps)  # the next variant's "before"
                 times[name].append(elapsed)
-                ratios[name].append(elapsed / raw_time)
+                times["raw"].append(before)
+                ratios[name].append(elapsed / ((before + after) / 2))
                 identical[name] = same_weights(model, raw_model)
                 if name == "session":
-                    steady["session"].append(STEADY["session"] - steady["raw"][-1])
-        raw_median = statistics.median(times["raw"])
+                    steady["session"].append(STEADY["session"] - (before_steady + STEADY["raw"]) / 2)
+                before, before_steady = after, STEADY["raw"]
+            times["raw"].append(before)
+        raw_median, raw_best = statistics.median(times["raw"]), min(times["raw"])
+        ratios["raw"] = [1.0]
         for name in variants:
             median = statistics.median(times[name])
             overhead = (median - raw_median) / args.steps * 1e6
             same = "baseline" if name == "raw" else ("yes" if identical[name] else "NO")
             steady_us = f"{statistics.median(steady[name]) / (args.steps - 1) * 1e6:.1f}" if name == "session" else ""
-            print(f"{batch_size:>5} {name:<10} {median:>9.3f} {statistics.median(ratios[name]):>7.3f} {overhead:>9.1f} "
-                  f"{steady_us:>15} {same:>13}")
+            print(f"{batch_size:>5} {name:<10} {median:>9.3f} {statistics.median(ratios[name]):>7.3f} "
+                  f"{min(times[name]) / raw_best:>11.3f} {overhead:>9.1f} {steady_us:>15} {same:>13}")
 
 
 if __name__ == "__main__":
