@@ -36,10 +36,11 @@ def test_storage_example_round_trips(db_url):
 
 def test_storage_example_values(tmp_path):
     code = BLOCKS[1].replace('"mongodb://127.0.0.1:27017/experiments/results"', repr(tmp_path.as_uri()))
-    code = code.replace("db.delete(doc_id)", "")
+    code = code.replace("db.delete(doc_id)", "").replace('db.delete({"name": "sweep"})', "")
     ns = run_block(code)
     doc = ns["db"].load_from_id(ns["doc_id"])
     assert doc["epochs"] == 1 and doc["history"] == [0.9]
+    assert [(d["_id"], d["lr"]) for d in ns["db"].load({"name": "sweep"}, sort=[("lr", -1)])] == list(zip(ns["sweep"], [0.1, 0.01]))
     assert isinstance(doc["results"][0], np.ndarray) and isinstance(doc["results"][1], torch.Tensor)
 
 
