@@ -616,13 +616,17 @@ class Session:
         written (nothing trains meanwhile) and the record is returned once durable.
         """
         state = self.state_dict()
-        self._last_checkpoint = self._position()
-        info = dict(pinned=pinned, attempt=self.attempt, step=self.step, stage=self.stage,
-                    stage_epoch=self.stage_epoch, batch_in_epoch=self.batch_in_epoch, reason=reason)
+        info = self._checkpoint_info(reason, pinned)
         if background:
             return self._submit(self._write_checkpoint, serialize(state), info)
         self.drain()
         return self._write_checkpoint(serialize_parts(state), info)
+
+    def _checkpoint_info(self, reason: str, pinned: bool) -> dict[str, Any]:
+        """A checkpoint record's fields for the state now (which it marks as checkpointed)."""
+        self._last_checkpoint = self._position()
+        return dict(pinned=pinned, attempt=self.attempt, step=self.step, stage=self.stage,
+                    stage_epoch=self.stage_epoch, batch_in_epoch=self.batch_in_epoch, reason=reason)
 
     def _position(self) -> tuple:
         return (self.attempt, self.stage, self.stage_step, self.step)
@@ -641,10 +645,9 @@ class Session:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    def _write_checkpoint(self, data: BlobData, info: dict[str, Any]) -> dict:
-        if info["reason"] != "initial":
-            # Events first: a resume starts after this checkpoint, so what was logged before it must be stored by
-            # then.  (Not before the initial one: until the start is recorded, the steps run may yet be undone.)
+    def _write_checkpoint(self, data: BlobData, info: dict[str, Any], *, events_first: bool = True) -> dict:
+        """Write a checkpoint and log it; buffered events go first, as a resume starts after this checkpoint."""
+        if events_first:
             self._status.try_flush()
         record = self.checkpoints.write(data, **info)
         self.log_event("checkpoint", checkpoint=record["_id"], reason=info["reason"])
@@ -768,10 +771,7 @@ class Session:
         seed_everything(self.seed)
         self._setup_stage(self.stage)
         self.drain()
-        self._last_checkpoint = self._position()
-        info = dict(pinned=True, attempt=self.attempt, step=self.step, stage=self.stage,
-                    stage_epoch=self.stage_epoch, batch_in_epoch=self.batch_in_epoch, reason="initial")
-        return serialize(self.state_dict()), info
+        return serialize(self.state_dict()), self._checkpoint_info("initial", pinned=True)
 
     def _defer_start(self, initial: tuple[memoryview, dict[str, Any]], fields: dict[str, Any],
                      push: dict[str, Any] | None) -> None:
@@ -789,7 +789,8 @@ class Session:
         self._start_mark = self._status.last_event()
 
         def record_start() -> None:
-            self._retrying_outage(lambda: self._write_checkpoint(snapshot, info))
+            # No events before it: until the start is recorded, the steps being run may yet be undone.
+            self._retrying_outage(lambda: self._write_checkpoint(snapshot, info, events_first=False))
             self._write_with_retry(fields, push)
 
         self._ahead = self._writer_pool().submit(record_start)
