@@ -96,7 +96,8 @@ def run_raw(init: nn.Module, batches: list, steps: int, checkpoint_dir: str | No
             if step == 1:
                 first = time.perf_counter()
             if checkpoint_dir is not None and step % CHECKPOINT_EVERY == 0:
-                save_fsynced({"model": model.state_dict(), "optimizer": opt.state_dict()}, f"{checkpoint_dir}/{step}.pt")
+                state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+                save_fsynced(state, f"{checkpoint_dir}/{step}.pt")
             if step == steps:
                 break
     end = time.perf_counter()

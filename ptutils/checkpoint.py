@@ -270,7 +270,7 @@ class CheckpointStore:
         self.on_warning = on_warning
         self._next_seq: int | None = None
         self._unpinned: list[dict] = []
-        """This session's unpinned records, oldest first: pruning needs no query (one store writes a session's checkpoints)."""
+        """This session's unpinned records, oldest first, so pruning needs no query (one store writes a session's)."""
 
     def records(self) -> list[dict]:
         """Checkpoint records of this session, newest first."""

@@ -213,7 +213,9 @@ def _datetime_from_iso(iso: str) -> _dt.datetime:
     if offset is None:
         return value
     sign, hours, minutes, seconds, micros = offset.groups()
-    delta = _dt.timedelta(hours=int(hours), minutes=int(minutes), seconds=int(seconds or 0), microseconds=int(micros or 0))
+    delta = _dt.timedelta(
+        hours=int(hours), minutes=int(minutes), seconds=int(seconds or 0), microseconds=int(micros or 0)
+    )
     return value.replace(tzinfo=_dt.timezone(-delta if sign == "-" else delta))
 
 

@@ -222,7 +222,8 @@ class StatusWriter:
         query: dict[str, Any] = {"session_id": self.session_id}
         if kind is not None:
             query["kind"] = kind
-        events = [e for doc in self.events.load(query) for e in doc.get("events") or [doc]]  # or one event a document, as before
+        # A document holds one write's events of a kind (or, as written before, one event).
+        events = [e for doc in self.events.load(query) for e in doc.get("events") or [doc]]
         return sorted(events, key=lambda e: (e["time"], e["seq"]))
 
 
