@@ -214,6 +214,9 @@ def test_pause_requested_through_the_record(url):
     db = open_db(url)
 
     def ask_for_pause(session, value):
+        # A request to a record that does not say running yet is void at the start, and
+        # run() records its start while the first steps run: reading the record waits for it.
+        assert session.record["state"] == "running"
         request_pause(db, session.id, reason="operator")
 
     def real_step_time(session):
@@ -485,6 +488,15 @@ def test_updates_after_one_that_changes_course_wait_for_the_next_step(url):
 
     s = session(url, updates=[pauser, observer]).run()
     assert s.state == "paused" and seen == [1, 2]
+
+
+def test_a_pause_request_to_a_pending_session_is_void_at_its_start(url):
+    db = open_db(url)
+    s = session(url)
+    assert s.record["state"] == "pending"
+    request_pause(db, s.id, reason="too early")
+    s.run()
+    assert s.state == "complete" and s.record["control"]["pause"] is False
 
 
 def test_a_pause_request_to_a_paused_session_does_not_outlive_its_resume(url):
