@@ -73,6 +73,11 @@ class _Lifecycle:
     state: str
 
 
+def _checkpoint_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """What a session's record shows of its newest checkpoint."""
+    return {"id": record["_id"], "step": record["step"], "reason": record["reason"], "time": record["created"]}
+
+
 def _slug(name: str) -> str:
     keep = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40].strip("-_.")
     return keep or "session"
@@ -170,6 +175,8 @@ class Session:
         self._pause_reason = "requested"
         self._pause_requested: str | None = None
         self._last_checkpoint: tuple | None = None
+        self._checkpointed: dict[str, Any] | None = None
+        """The newest checkpoint written, as the record shows it (``last_checkpoint``)."""
         self._loader: Any = None
         self._data_override: Any = None
         self._pending_rng: Mapping[str, Any] | None = None
@@ -646,11 +653,15 @@ class Session:
                 delay = min(delay * 2, 10.0)
 
     def _write_checkpoint(self, data: BlobData, info: dict[str, Any], *, events_first: bool = True) -> dict:
-        """Write a checkpoint and log it; buffered events go first, as a resume starts after this checkpoint."""
+        """Write a checkpoint; buffered events go first, as a resume starts after this checkpoint.
+
+        It is not logged as an event (the checkpoints collection is that log):
+        the record's ``last_checkpoint`` shows it from the next status write on.
+        """
         if events_first:
             self._status.try_flush()
         record = self.checkpoints.write(data, **info)
-        self.log_event("checkpoint", checkpoint=record["_id"], reason=info["reason"])
+        self._checkpointed = _checkpoint_summary(record)
         return record
 
     # ------------------------------------------------------------------ storage outages
@@ -791,7 +802,7 @@ class Session:
         def record_start() -> None:
             # No events before it: until the start is recorded, the steps being run may yet be undone.
             self._retrying_outage(lambda: self._write_checkpoint(snapshot, info, events_first=False))
-            self._write_with_retry(fields, push)
+            self._write_with_retry({**fields, "last_checkpoint": self._checkpointed}, push)
 
         self._ahead = self._writer_pool().submit(record_start)
 
@@ -844,7 +855,9 @@ class Session:
         fields.update(
             attempt=self.attempt, previous_attempt=archive_id, outcome=None, error=None, started=None,
             finished=None, stage=None, step=0, epoch=0, stage_step=0, metrics={}, stage_history=[],
+            last_checkpoint=None,
         )
+        self._checkpointed = None
         self._status.sessions.update(self.id, {"$push": {"history": summary}})
 
     # ------------------------------------------------------------------ the loop
@@ -1091,6 +1104,7 @@ class Session:
             "stage_progress": 1.0 if done else stage_progress,
             "progress": progress,
             "metrics": {k: v for k, v in self.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+            **({"last_checkpoint": self._checkpointed} if self._checkpointed is not None else {}),
         }
 
     def stage_total(self, stage: Stage) -> int | None:

@@ -394,12 +394,29 @@ def test_model_must_be_a_ptutils_model(url):
         Session(torch.nn.Linear(2, 2), db=url)
 
 
-def test_events_record_stage_changes_and_checkpoints(url):
+def test_events_record_stage_changes(url):
     s = session(url, stages=[{"name": "a", "data": "train", "max_epochs": 1}, {"name": "b", "data": "train", "max_epochs": 1}],
                 transitions=[{"trigger": "stage_done", "source": "a", "dest": "b"}]).run()
     kinds = [e["kind"] for e in s.events()]
-    assert kinds.count("stage") == 1 and "checkpoint" in kinds
+    assert kinds.count("stage") == 1
     assert s.events("stage")[0]["stage"] == "b"
+
+
+def test_the_record_shows_the_newest_checkpoint_and_a_restart_clears_it(url):
+    s = session(url, updates=[every_n_steps(6, "pause")])  # epochs of 5 steps, a checkpoint at each epoch end
+    s.updates[0].once = True
+    s.run()
+    newest = s.checkpoints.records()[0]
+    assert newest["reason"] == "pause" and newest["step"] == 6
+    assert s.record["last_checkpoint"] == {"id": newest["_id"], "step": 6, "reason": "pause", "time": newest["created"]}
+    assert "checkpoint" not in {e["kind"] for e in s.events()}  # the checkpoints collection is their log
+    s.run()
+    assert s.record["last_checkpoint"]["id"] == s.checkpoints.records()[0]["_id"]
+    s.restart()
+    assert s.record["last_checkpoint"] is None
+    s.start()
+    initial = s.checkpoints.records()[0]
+    assert initial["reason"] == "initial" and s.record["last_checkpoint"]["id"] == initial["_id"]
 
 
 def test_grad_norm_monitor_turns_on_tracking(url):
