@@ -46,6 +46,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -92,6 +93,12 @@ _PARALLEL_HASH_MIN = 8 << 20
 """Payloads from this size on are hashed on a second thread while they are read."""
 _HASH_CHUNK = 1 << 20
 
+_TMP_TOKEN = uuid.uuid4().hex[:12]
+"""Random per import: with the pid and a counter it names temporary files, so a reused
+pid does not meet its predecessor's leftovers, and no name costs a ``getrandom`` call
+(a GIL hand-off when a writer thread does it)."""
+_TMP_COUNTER = itertools.count()
+
 
 def _sha256_of_file(fd: int, start: int, size: int) -> str:
     """SHA-256 (hex) of ``size`` bytes of ``fd`` from ``start``, read with pread (the offset is left alone).
@@ -108,6 +115,18 @@ def _sha256_of_file(fd: int, start: int, size: int) -> str:
         sha.update(view[:count])
         pos += count
     return sha.hexdigest()
+
+
+def _read_small(fd: int, size: int) -> bytes:
+    """The ``size`` bytes of a file (fewer if it ends early): one ``read``, as files are never changed in place."""
+    data = os.read(fd, size)
+    chunks = [data]
+    total = len(data)
+    while total < size and data:
+        data = os.read(fd, size - total)
+        chunks.append(data)
+        total += len(data)
+    return data if len(chunks) == 1 else b"".join(chunks)
 
 
 def _header_of(head: bytes) -> bytes:
@@ -283,7 +302,7 @@ class FileSystemInterface(DBInterface):
         durable) to the caller, who writes several files and syncs once.
         """
         directory = os.path.dirname(final)
-        tmp = os.path.join(directory, TMP_PREFIX + uuid.uuid4().hex)
+        tmp = os.path.join(directory, f"{TMP_PREFIX}{os.getpid()}-{_TMP_TOKEN}-{next(_TMP_COUNTER)}")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         except OSError as exc:
@@ -345,13 +364,21 @@ class FileSystemInterface(DBInterface):
         checksum costs no time when a second core is free.
         """
         try:
-            with open(path, "rb", buffering=0) as f:
-                if os.fstat(f.fileno()).st_size < _PARALLEL_HASH_MIN:
-                    whole = f.read()
-                    header = _header_of(whole)
-                    payload = whole[len(header) :]
-                    actual = hashlib.sha256(payload).hexdigest()
-                else:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _os_error("read", path, exc) from exc
+        try:
+            size = os.fstat(fd).st_size
+            if size < _PARALLEL_HASH_MIN:
+                # open, fstat, read, close: half the system calls of io.FileIO's read-all.
+                whole = _read_small(fd, size)
+                header = _header_of(whole)
+                payload = whole[len(header) :]
+                actual = hashlib.sha256(payload).hexdigest()
+            else:
+                with open(fd, "rb", buffering=0, closefd=False) as f:
                     header = _header_of(f.read(_MAX_HEADER))
                     size = os.fstat(f.fileno()).st_size - len(header)
                     f.seek(len(header))
@@ -359,10 +386,10 @@ class FileSystemInterface(DBInterface):
                         hashed = pool.submit(_sha256_of_file, f.fileno(), len(header), size)
                         payload = f.read()
                         actual = hashed.result()
-        except FileNotFoundError:
-            return None
         except OSError as exc:
             raise _os_error("read", path, exc) from exc
+        finally:
+            os.close(fd)
         digest = _parse_header(path, header, magic, len(payload))
         if actual.encode("ascii") != digest:
             raise CorruptionError(path, "sha256 checksum mismatch (corrupt file)")
