@@ -176,6 +176,27 @@ def _draws() -> tuple:
     return random.random(), float(np.random.random()), float(torch.rand(1))
 
 
+def test_seed_everything_seeds_as_torch_manual_seed_does() -> None:
+    torch.manual_seed(7)
+    random.seed(7)
+    np.random.seed(7)
+    expected = _draws()
+    ckpt.seed_everything(7)
+    assert _draws() == expected
+    ckpt.seed_everything(8)
+    assert _draws() != expected
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_seed_everything_seeds_every_cuda_device() -> None:
+    torch.manual_seed(7)
+    expected = torch.rand(4, device="cuda")
+    ckpt.seed_everything(8)
+    ckpt.seed_everything(7)
+    assert torch.equal(torch.rand(4, device="cuda"), expected)
+
+
 @pytest.mark.parametrize("python_state", ["array", "ints (older checkpoints)"])
 def test_rng_state_round_trips_through_a_checkpoint(python_state: str) -> None:
     ckpt.seed_everything(3)
