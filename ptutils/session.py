@@ -911,7 +911,8 @@ class Session:
         self._replay_setups(record["stage"])
         self._load_state(state, with_updates=True)
         self._needs_restore = False
-        self.log_event("resume", checkpoint=record["_id"], restored_step=record["step"])
+        dropped = self._status.drop_stored_after(record.get("attempt", self.attempt), record["step"])  # run again
+        self.log_event("resume", checkpoint=record["_id"], restored_step=record["step"], dropped_events=dropped)
 
     def _get_loader(self) -> Any:
         if self._loader is not None:

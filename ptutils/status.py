@@ -32,6 +32,8 @@ log = logging.getLogger("ptutils")
 SESSIONS = "sessions"
 EVENTS = "events"
 EVENTS_PER_DOC = 1000
+PROCESS_EVENTS = frozenset({"interrupted", "resume", "warning"})
+"""Event kinds about the processes that ran a session, not its steps (a resume keeps them all)."""
 """Events of one kind stored together in one document of the ``events`` collection (one per flush)."""
 
 
@@ -209,6 +211,35 @@ class StatusWriter:
     def discard_events_after(self, seq: int) -> None:
         """Drop buffered events logged after ``seq`` (they belong to steps that were undone)."""
         self._buffer = [e for e in self._buffer if e["seq"] <= seq]
+
+    def drop_stored_after(self, attempt: int, step: int) -> int:
+        """Delete stored events of ``attempt`` after ``step`` that earlier processes logged; return how many.
+
+        A resume from the checkpoint at ``step`` runs those steps again, so their
+        events (epochs, monitor firings, stage changes) would otherwise be logged
+        twice, as TensorBoard's ``purge_step`` avoids.  Events that describe the
+        processes rather than the steps (``interrupted``, ``resume``, ``warning``)
+        stay.
+        """
+        mine = f"{self.session_id}.{self._token}."
+
+        def abandoned(event: Mapping[str, Any]) -> bool:
+            return (event.get("attempt") == attempt and isinstance(event.get("step"), int) and event["step"] > step
+                    and event.get("kind") not in PROCESS_EVENTS and not str(event.get("_id", "")).startswith(mine))
+
+        dropped = 0
+        for doc in self.events.load({"session_id": self.session_id}):
+            batched = "events" in doc
+            events = doc["events"] if batched else [doc]
+            kept = [e for e in events if not abandoned(e)]
+            if len(kept) == len(events):
+                continue
+            dropped += len(events) - len(kept)
+            if kept and batched:
+                self.events.save({k: v for k, v in doc.items() if k != "_version"} | {"events": kept})
+            else:
+                self.events.delete(doc["_id"])
+        return dropped
 
     def try_flush(self) -> None:
         """Flush, counting a failure as an outage: the events stay buffered for the next write."""

@@ -3,6 +3,7 @@
     python -m tests.crashkit URL SESSION_ID [--kill-at-step K] [--kill-in-checkpoint-write N]
                                             [--kill-in-status-write N] [--step-sleep S]
                                             [--disk-full-at-step K DIR] [--drop-root-at-step K]
+                                            [--no-epoch-checkpoints]
 
 ``--kill-*`` end the process with SIGKILL at that exact point: at step K (a
 background write may be in flight), half-way through writing the Nth
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--leave-free", type=int, default=0, help="bytes left free by --disk-full-at-step")
     parser.add_argument("--checkpoint-padding", type=int, default=0, help="bytes of a model buffer every checkpoint holds")
     parser.add_argument("--drop-root-at-step", type=int)
+    parser.add_argument("--no-epoch-checkpoints", action="store_true", help="checkpoint every 3 steps only")
     args = parser.parse_args(argv)
 
     if args.kill_in_checkpoint_write:
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
             os.setuid(65534)
         return session
 
-    session = build(args.url, args.session_id, updates=[faults])
+    options = {"checkpoint_every_epochs": None} if args.no_epoch_checkpoints else {}
+    session = build(args.url, args.session_id, updates=[faults], **options)
     if args.checkpoint_padding:
         import torch
 

@@ -27,7 +27,7 @@ import torch
 from ptutils import open_db
 from ptutils.checkpoint import CheckpointStore
 from ptutils.errors import CorruptionError
-from ptutils.status import describe
+from ptutils.status import StatusWriter, describe
 
 from . import crashkit, services
 from .services import free_port, unavailable
@@ -72,6 +72,12 @@ def missing_epochs(session) -> int:
     return len(set(range(1, crashkit.EPOCHS + 1)) - done)
 
 
+def repeated_epochs(session) -> int:
+    """'epoch' events beyond one per epoch (the abandoned steps' history, logged again after a resume)."""
+    epochs = [e["stage_epoch"] for e in session.events("epoch")]
+    return len(epochs) - len(set(epochs))
+
+
 def resume_and_check(url: str, session_id: str, reference) -> tuple[bool, int]:
     """Take the crashed session over in this process and finish it; (exact?, epochs lost)."""
     record = open_db(url).collection("sessions").load_from_id(session_id)
@@ -85,6 +91,7 @@ def resume_and_check(url: str, session_id: str, reference) -> tuple[bool, int]:
         assert resumed.state == "paused" and resumed.record["interrupted"] is True
     resumed.run()
     assert resumed.state == "complete" and resumed.step == TOTAL_STEPS
+    assert repeated_epochs(resumed) == 0, [(e["stage_epoch"], e["_id"]) for e in resumed.events("epoch")]
     return same_weights(weights(resumed), reference), missing_epochs(resumed)
 
 
@@ -98,6 +105,19 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(tmp_path, reference, faul
     exact, lost = resume_and_check(url, "victim", reference)
     faults.record("crash: SIGKILL at a random step", injected=1, survived=int(exact and bad == 0), lost=lost)
     assert bad == 0 and exact and lost == 0
+
+
+def test_sigkill_after_an_epoch_was_logged_but_before_its_checkpoint_repeats_no_epoch(tmp_path, reference, faults):
+    url = tmp_path.as_uri()
+    # Checkpoints at steps 9 and 12 only, epoch 2 ends at step 10: steps of 20 ms give the
+    # heartbeats (one per step) time to store epoch 2's event before the kill at step 11.
+    proc = run_child(url, "victim", "--kill-at-step", "11", "--step-sleep", "0.02", "--no-epoch-checkpoints")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    stored = StatusWriter(open_db(url), "victim").load_events("epoch")
+    assert [e["stage_epoch"] for e in stored] == [1, 2]  # epoch 2 is past the checkpoint the resume starts from
+    exact, lost = resume_and_check(url, "victim", reference)  # which checks each epoch is logged once
+    faults.record("crash: SIGKILL between an epoch's event and its checkpoint", injected=1, survived=int(exact), lost=lost)
+    assert exact and lost == 0
 
 
 @pytest.mark.parametrize("nth", [2, 4])

@@ -122,3 +122,22 @@ def test_events_are_written_one_document_per_kind_and_read_back_in_order(url):
     assert epochs[2]["metrics"] == {"loss": 0.5} and epochs[2]["session_id"] == "s"
     assert [e["checkpoint"] for e in status.load_events("checkpoint")] == ["c1", "c2", "c3"]
     assert len(status.load_events()) == 8
+
+
+def test_a_resume_drops_the_stored_events_of_the_steps_it_runs_again(url):
+    db = open_db(url)
+    crashed = StatusWriter(db, "s")
+    crashed.event("epoch", attempt=1, step=5, stage_epoch=1)
+    crashed.event("monitor", attempt=1, step=8, monitor="loss")
+    crashed.flush()
+    crashed.event("epoch", attempt=1, step=10, stage_epoch=2)
+    crashed.event("warning", attempt=1, step=10, message="slow disk")
+    crashed.flush()
+    db.collection(EVENTS).save({"_id": "s.older.00000009", "session_id": "s", "kind": "epoch", "time": time.time(),
+                                "seq": 9, "attempt": 1, "step": 12, "stage_epoch": 3})  # stored on its own, as before
+    resumed = StatusWriter(db, "s")  # the process that resumes from the checkpoint at step 6
+    resumed.event("interrupted", attempt=1, step=12)
+    resumed.flush()
+    assert resumed.drop_stored_after(attempt=1, step=6) == 3
+    assert [(e["kind"], e["step"]) for e in resumed.load_events()] == [("epoch", 5), ("warning", 10), ("interrupted", 12)]
+    assert resumed.drop_stored_after(attempt=1, step=6) == 0
