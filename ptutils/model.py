@@ -231,6 +231,12 @@ class Model:
         self.module.load_state_dict(state["module"])
         if "optimizer" in state and self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+            for param_state in self.optimizer.state.values():
+                # On the CPU torch keeps the given tensors: a loaded checkpoint's would pin its whole
+                # buffer (the model's copy too) in memory, and be shared by every optimizer given them.
+                for key, value in param_state.items():
+                    if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                        param_state[key] = value.clone()
         if "scheduler" in state and self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if "criterion" in state and isinstance(self.criterion, nn.Module):

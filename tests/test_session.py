@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ptutils import open_db
-from ptutils.checkpoint import CheckpointStore
+from ptutils.checkpoint import CheckpointStore, deserialize, serialize
 from ptutils.errors import BackendUnavailableError, SessionError, StorageError, TransitionError
 from ptutils.session import Session
 from ptutils.status import StatusWriter, request_pause
@@ -425,6 +425,20 @@ def test_grad_norm_monitor_turns_on_tracking(url):
     assert s.model.track_grad_norm
     s.run()
     assert len(seen) == 3 and all(v > 0 for v in seen)
+
+
+def test_a_model_loaded_from_a_checkpoint_owns_its_optimizer_state():
+    trained = model(seed=1)
+    trained.train_step((torch.randn(4, 8), torch.tensor([0, 1, 0, 1])))  # momentum buffers now exist
+    state = deserialize(serialize(trained.state_dict()))  # its tensors share the checkpoint's one buffer
+    first, second = model(seed=2), model(seed=3)
+    first.load_state_dict(state)
+    second.load_state_dict(state)
+    loaded = [list(m.optimizer.state.values())[0]["momentum_buffer"] for m in (first, second)]
+    saved = list(state["optimizer"]["state"].values())[0]["momentum_buffer"]
+    assert all(torch.equal(b, saved) for b in loaded)
+    loaded[0].add_(1.0)  # the first optimizer's next step
+    assert torch.equal(loaded[1], saved) and not torch.equal(loaded[0], saved)
 
 
 def test_model_state_dict_round_trip():
