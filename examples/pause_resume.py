@@ -123,6 +123,7 @@ def status_of(record: dict[str, Any]) -> dict[str, Any]:
         "attempt": record.get("attempt"),
         "pause_reason": record.get("pause_reason"),
         "pause_requested": bool((record.get("control") or {}).get("pause")),
+        "last_checkpoint_step": (record.get("last_checkpoint") or {}).get("step"),  # where a resume would start
         "outcome": record.get("outcome"),
         "heartbeat_age_s": round(time.time() - float(record.get("heartbeat") or 0.0), 1),
         "metrics": {k: round(v, 4) for k, v in sorted((record.get("metrics") or {}).items())},

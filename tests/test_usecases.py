@@ -169,6 +169,7 @@ def test_pause_from_another_process_then_resume_gives_the_weights_of_an_uninterr
 
     status = summary_of(example("pause_resume.py", "status", "--id", "exp", "--out", out))
     assert status["state"] == "paused" and status["step"] == paused["step"] and status["eta_seconds"] is None
+    assert status["last_checkpoint_step"] == paused["step"]  # the pause checkpoint, where the resume starts
     again = example("pause_resume.py", "pause", "--id", "exp", "--out", out)
     assert again.returncode == 1 and "is paused, not running" in again.stderr
 
