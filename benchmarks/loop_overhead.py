@@ -18,8 +18,9 @@ variant and once more at the end of a round, so each variant's ratio in a
 round is to the mean of the raw runs just before and just after it (the
 machine is shared: its speed drifts within a round).  The table shows the
 median time, the median of those ratios, the ratio of the best (fastest) runs,
-the added microseconds per step, and whether the final weights are bitwise
-identical to the raw loop's.  "steady us/step" is the
+the median ratio of process CPU time (every thread's: what the variant costs in
+work, steadier than wall time on a shared machine), the added microseconds per
+step, and whether the final weights are bitwise identical to the raw loop's.  "steady us/step" is the
 Session's added cost per step between the end of step 1 and the end of the last
 step (same round, same window in the raw loop): the loop itself, without the
 durable start (record + initial checkpoint, fsync'd) and the final write.
@@ -79,12 +80,26 @@ STEADY: dict[str, float] = {}
 """Seconds from the end of step 1 to the end of the last step, per variant (no start-up or shutdown)."""
 
 
+class Clock:
+    """Wall and process CPU seconds (every thread's) of the timed region of the last run."""
+
+    def start(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def stop(self) -> float:
+        self.wall, self.cpu = time.perf_counter() - self._wall, time.process_time() - self._cpu
+        return self.wall
+
+
+CLOCK = Clock()
+
+
 def run_raw(init: nn.Module, batches: list, steps: int, checkpoint_dir: str | None = None) -> tuple[float, nn.Module]:
     model = copy.deepcopy(init)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     loss_fn = nn.CrossEntropyLoss()
     loader = loader_of(batches)
-    start = time.perf_counter()
+    CLOCK.start()
     step = 0
     while step < steps:
         for x, y in loader:
@@ -100,10 +115,10 @@ def run_raw(init: nn.Module, batches: list, steps: int, checkpoint_dir: str | No
                 save_fsynced(state, f"{checkpoint_dir}/{step}.pt")
             if step == steps:
                 break
-    end = time.perf_counter()
+    elapsed = CLOCK.stop()
     if checkpoint_dir is None:
-        STEADY["raw"] = end - first
-    return end - start, model
+        STEADY["raw"] = time.perf_counter() - first
+    return elapsed, model
 
 
 CHECKPOINT_EVERY = 500
@@ -153,9 +168,9 @@ def run_session(init: nn.Module, batches: list, steps: int) -> tuple[float, nn.M
             db=f"file://{tmp}", checkpoint_every_steps=CHECKPOINT_EVERY, checkpoint_every_epochs=None, name="bench",
             updates=[watch],
         )
-        start = time.perf_counter()
+        CLOCK.start()
         session.run()
-        elapsed = time.perf_counter() - start
+        elapsed = CLOCK.stop()
         STEADY["session"] = watch.last - watch.first
         assert session.state == "complete" and session.step == steps
         session.close()
@@ -169,9 +184,9 @@ def run_ignite(init: nn.Module, batches: list, steps: int) -> tuple[float, nn.Mo
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     trainer = create_supervised_trainer(model, opt, nn.CrossEntropyLoss())
     loader = loader_of(batches)
-    start = time.perf_counter()
+    CLOCK.start()
     trainer.run(loader, max_epochs=-(-steps // len(batches)), epoch_length=min(steps, len(batches)))
-    return time.perf_counter() - start, model
+    return CLOCK.stop(), model
 
 
 def run_lightning(init: nn.Module, batches: list, steps: int) -> tuple[float, nn.Module]:
@@ -196,9 +211,9 @@ def run_lightning(init: nn.Module, batches: list, steps: int) -> tuple[float, nn
         enable_model_summary=False, accelerator="cpu", devices=1, num_sanity_val_steps=0,
     )
     loader = loader_of(batches)
-    start = time.perf_counter()
+    CLOCK.start()
     trainer.fit(module, loader)
-    return time.perf_counter() - start, module.net
+    return CLOCK.stop(), module.net
 
 
 def available() -> dict[str, Callable]:
@@ -237,40 +252,44 @@ def main() -> None:
     torch.set_num_threads(1)
     variants = available()
     print(f"{args.steps} steps, {args.rounds} interleaved rounds, torch {torch.__version__}, 1 thread")
-    print(f"{'batch':>5} {'variant':<10} {'median s':>9} {'x raw':>7} {'best x raw':>11} {'us/step':>9} "
-          f"{'steady us/step':>15} {'same weights':>13}")
+    print(f"{'batch':>5} {'variant':<10} {'median s':>9} {'x raw':>7} {'best x raw':>11} {'cpu x raw':>10} "
+          f"{'us/step':>9} {'steady us/step':>15} {'same weights':>13}")
     for batch_size in args.batch_sizes:
         batches = make_batches(batch_size)
         init = make_mlp()
         times: dict[str, list[float]] = {name: [] for name in variants}
         steady: dict[str, list[float]] = {"raw": [], "session": []}
         ratios: dict[str, list[float]] = {name: [] for name in variants}
+        cpu_ratios: dict[str, list[float]] = {name: [] for name in variants}
         identical: dict[str, bool] = {}
         for _ in range(args.rounds):
             before, raw_model = run_raw(init, batches, args.steps)
-            before_steady = STEADY["raw"]
+            before_steady, before_cpu = STEADY["raw"], CLOCK.cpu
             for name, fn in variants.items():
                 if name == "raw":
                     continue
                 elapsed, model = fn(init, batches, args.steps)
+                cpu = CLOCK.cpu
                 after, _ = run_raw(init, batches, args.steps)  # the next variant's "before"
                 times[name].append(elapsed)
                 times["raw"].append(before)
                 ratios[name].append(elapsed / ((before + after) / 2))
+                cpu_ratios[name].append(cpu / ((before_cpu + CLOCK.cpu) / 2))
                 identical[name] = same_weights(model, raw_model)
                 if name == "session":
                     steady["session"].append(STEADY["session"] - (before_steady + STEADY["raw"]) / 2)
-                before, before_steady = after, STEADY["raw"]
+                before, before_steady, before_cpu = after, STEADY["raw"], CLOCK.cpu
             times["raw"].append(before)
         raw_median, raw_best = statistics.median(times["raw"]), min(times["raw"])
-        ratios["raw"] = [1.0]
+        ratios["raw"] = cpu_ratios["raw"] = [1.0]
         for name in variants:
             median = statistics.median(times[name])
             overhead = (median - raw_median) / args.steps * 1e6
             same = "baseline" if name == "raw" else ("yes" if identical[name] else "NO")
             steady_us = f"{statistics.median(steady[name]) / (args.steps - 1) * 1e6:.1f}" if name == "session" else ""
             print(f"{batch_size:>5} {name:<10} {median:>9.3f} {statistics.median(ratios[name]):>7.3f} "
-                  f"{min(times[name]) / raw_best:>11.3f} {overhead:>9.1f} {steady_us:>15} {same:>13}")
+                  f"{min(times[name]) / raw_best:>11.3f} {statistics.median(cpu_ratios[name]):>10.3f} "
+                  f"{overhead:>9.1f} {steady_us:>15} {same:>13}")
 
 
 if __name__ == "__main__":
