@@ -18,9 +18,11 @@ variant and once more at the end of a round, so each variant's ratio in a
 round is to the mean of the raw runs just before and just after it (the
 machine is shared: its speed drifts within a round).  The table shows the
 median time, the median of those ratios, the ratio of the best (fastest) runs,
-the median ratio of process CPU time (every thread's: what the variant costs in
-work, steadier than wall time on a shared machine), the added microseconds per
-step, and whether the final weights are bitwise identical to the raw loop's.  "steady us/step" is the
+the median ratio of process CPU time (every thread's, the Session's writer
+thread included: the work a variant costs even where a second core hides it
+from the wall time; on this VM it moves with the wall time, as stolen cycles
+count as CPU time), the added microseconds per step, and whether the final
+weights are bitwise identical to the raw loop's.  "steady us/step" is the
 Session's added cost per step between the end of step 1 and the end of the last
 step (same round, same window in the raw loop): the loop itself, without the
 durable start (record + initial checkpoint, fsync'd) and the final write.
