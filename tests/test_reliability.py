@@ -116,7 +116,7 @@ def test_sigkill_after_an_epoch_was_logged_but_before_its_checkpoint_repeats_no_
     stored = StatusWriter(open_db(url), "victim").load_events("epoch")
     assert [e["stage_epoch"] for e in stored] == [1, 2]  # epoch 2 is past the checkpoint the resume starts from
     exact, lost = resume_and_check(url, "victim", reference)  # which checks each epoch is logged once
-    faults.record("crash: SIGKILL between an epoch's event and its checkpoint", injected=1, survived=int(exact), lost=lost)
+    faults.record("crash: SIGKILL between epoch and checkpoint", injected=1, survived=int(exact), lost=lost)
     assert exact and lost == 0
 
 
