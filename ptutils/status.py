@@ -32,9 +32,9 @@ log = logging.getLogger("ptutils")
 SESSIONS = "sessions"
 EVENTS = "events"
 EVENTS_PER_DOC = 1000
+"""Events of one kind stored together in one document of the ``events`` collection (one per flush)."""
 PROCESS_EVENTS = frozenset({"interrupted", "resume", "warning"})
 """Event kinds about the processes that ran a session, not its steps (a resume keeps them all)."""
-"""Events of one kind stored together in one document of the ``events`` collection (one per flush)."""
 
 
 def stale_after(interval: float) -> float:
@@ -217,7 +217,7 @@ class StatusWriter:
 
         A resume from the checkpoint at ``step`` runs those steps again, so their
         events (epochs, monitor firings, stage changes) would otherwise be logged
-        twice, as TensorBoard's ``purge_step`` avoids.  Events that describe the
+        twice; TensorBoard's ``purge_step`` does the same.  Events that describe the
         processes rather than the steps (``interrupted``, ``resume``, ``warning``)
         stay.
         """
