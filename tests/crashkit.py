@@ -3,7 +3,7 @@
     python -m tests.crashkit URL SESSION_ID [--kill-at-step K] [--kill-in-checkpoint-write N]
                                             [--kill-in-status-write N] [--step-sleep S]
                                             [--disk-full-at-step K DIR] [--drop-root-at-step K]
-                                            [--no-epoch-checkpoints]
+                                            [--no-epoch-checkpoints] [--store-events-first]
 
 ``--kill-*`` end the process with SIGKILL at that exact point: at step K (a
 background write may be in flight), half-way through writing the Nth
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint-padding", type=int, default=0, help="bytes of a model buffer every checkpoint holds")
     parser.add_argument("--drop-root-at-step", type=int)
     parser.add_argument("--no-epoch-checkpoints", action="store_true", help="checkpoint every 3 steps only")
+    parser.add_argument("--store-events-first", action="store_true", help="with --kill-at-step: store events, then kill")
     args = parser.parse_args(argv)
 
     if args.kill_in_checkpoint_write:
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         if session.event != "step":
             return session
         if args.kill_at_step is not None and session.step == args.kill_at_step:
+            if args.store_events_first:
+                session.events()  # every event logged so far is stored, as a heartbeat would have done
             _kill()
         if args.disk_full_at_step and session.step == int(args.disk_full_at_step[0]):
             session.drain()  # writes begun before step K (and the pruning after them) land before the disk fills

@@ -109,9 +109,9 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(tmp_path, reference, faul
 
 def test_sigkill_after_an_epoch_was_logged_but_before_its_checkpoint_repeats_no_epoch(tmp_path, reference, faults):
     url = tmp_path.as_uri()
-    # Checkpoints at steps 9 and 12 only, epoch 2 ends at step 10: steps of 20 ms give the
-    # heartbeats (one per step) time to store epoch 2's event before the kill at step 11.
-    proc = run_child(url, "victim", "--kill-at-step", "11", "--step-sleep", "0.02", "--no-epoch-checkpoints")
+    # Checkpoints at steps 9 and 12 only, epoch 2 ends at step 10; its event is stored (as a
+    # heartbeat would) before the kill at step 11.
+    proc = run_child(url, "victim", "--kill-at-step", "11", "--store-events-first", "--no-epoch-checkpoints")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     stored = StatusWriter(open_db(url), "victim").load_events("epoch")
     assert [e["stage_epoch"] for e in stored] == [1, 2]  # epoch 2 is past the checkpoint the resume starts from
