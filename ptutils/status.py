@@ -19,6 +19,7 @@ import itertools
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -86,6 +87,8 @@ class StatusWriter:
         self.interval = interval
         self._next = 0.0
         self._buffer: list[dict] = []
+        self._flushing = threading.Lock()
+        """One flush at a time: two would store the same events and trim each other's from the buffer."""
         self._seq = itertools.count(1)
         self._last_seq = 0
         self._token = uuid.uuid4().hex[:8]
@@ -182,10 +185,11 @@ class StatusWriter:
 
     def flush(self) -> None:
         """Write buffered events, one document per kind; on failure they stay buffered for the next try."""
-        pending = list(self._buffer)
-        if pending:
-            self.events.save_many(self._batches(pending))
-            del self._buffer[: len(pending)]  # events logged meanwhile (by another thread) stay
+        with self._flushing:
+            pending = list(self._buffer)
+            if pending:
+                self.events.save_many(self._batches(pending))
+                del self._buffer[: len(pending)]  # events logged meanwhile (by another thread) stay
 
     def _batches(self, events: list[dict]) -> list[dict]:
         """Events grouped by kind, at most :data:`EVENTS_PER_DOC` to a document.
@@ -210,7 +214,8 @@ class StatusWriter:
 
     def discard_events_after(self, seq: int) -> None:
         """Drop buffered events logged after ``seq`` (they belong to steps that were undone)."""
-        self._buffer = [e for e in self._buffer if e["seq"] <= seq]
+        with self._flushing:
+            self._buffer[:] = [e for e in self._buffer if e["seq"] <= seq]
 
     def drop_stored_after(self, attempt: int, step: int) -> int:
         """Delete stored events of ``attempt`` after ``step`` that earlier processes logged; return how many.

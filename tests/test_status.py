@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -141,3 +142,25 @@ def test_a_resume_drops_the_stored_events_of_the_steps_it_runs_again(url):
     assert resumed.drop_stored_after(attempt=1, step=6) == 3
     assert [(e["kind"], e["step"]) for e in resumed.load_events()] == [("epoch", 5), ("warning", 10), ("interrupted", 12)]
     assert resumed.drop_stored_after(attempt=1, step=6) == 0
+
+
+def test_events_flushed_from_two_threads_while_a_third_logs_are_stored_once_each(url):
+    status = StatusWriter(open_db(url), "s")
+    done = threading.Event()
+
+    def flusher() -> None:
+        while not done.is_set():
+            status.flush()
+
+    flushers = [threading.Thread(target=flusher) for _ in range(2)]
+    for t in flushers:
+        t.start()
+    for i in range(300):
+        status.event("epoch", stage_epoch=i)
+        if i % 10 == 0:
+            time.sleep(0.001)  # let the flushers interleave with the logging
+    done.set()
+    for t in flushers:
+        t.join()
+    status.flush()
+    assert sorted(e["stage_epoch"] for e in status.load_events("epoch")) == list(range(300))
