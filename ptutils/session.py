@@ -1009,7 +1009,7 @@ class Session:
                     break
             if finished_epoch and self.is_running and self.stage == stage.name:
                 self._end_epoch(stage)
-        self._status.flush()
+        self._status.try_flush()  # an unreachable database keeps them buffered, as background writes do
 
     def _end_epoch(self, stage: Stage) -> None:
         self.stage_epoch += 1

@@ -324,6 +324,19 @@ def test_a_start_run_cannot_record_is_undone_back_to_pending(url, monkeypatch, e
     assert [e["stage_epoch"] for e in s.events("epoch")] == [1, 2, 3]  # none from the undone steps
 
 
+def test_events_the_database_cannot_take_stay_buffered_and_the_run_goes_on(url, monkeypatch):
+    s = session(url)
+
+    def unavailable(docs):
+        raise BackendUnavailableError("events collection unreachable")
+
+    monkeypatch.setattr(s._status.events, "save_many", unavailable)
+    s.run()  # every flush fails: before checkpoints, with status writes, at the end of the stage
+    assert s.state == "complete" and s.record["state"] == "complete"
+    monkeypatch.undo()
+    assert [e["stage_epoch"] for e in s.events("epoch")] == [1, 2, 3]
+
+
 def test_events_are_stored_before_the_checkpoint_a_resume_would_start_from(url):
     stored = []
 
