@@ -526,18 +526,7 @@ class Session:
         The loop stalls rather than run ahead of its record; after
         ``outage_wait`` seconds the BackendUnavailableError propagates.
         """
-        deadline = time.monotonic() + self.outage_wait
-        delay = 0.2
-        while True:
-            try:
-                self._status.write(fields, push=push)
-                return
-            except BackendUnavailableError as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.warning("session %s: cannot record state change (%s); retrying in %.1fs", self.id, exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        self._retrying_outage(lambda: self._status.write(fields, push=push), "record state change")
 
     def _enter_stage(self, stage: str) -> None:
         if stage not in self.stages:
@@ -638,17 +627,22 @@ class Session:
     def _position(self) -> tuple:
         return (self.attempt, self.stage, self.stage_step, self.step)
 
-    def _retrying_outage(self, write: Callable[[], Any]) -> None:
-        """A checkpoint the record will point to: retried like state changes while the database is unreachable."""
+    def _retrying_outage(self, write: Callable[[], Any], what: str = "write checkpoint") -> None:
+        """Run a write the record depends on, retried with backoff while the database is unreachable.
+
+        State changes and the checkpoints a record will point to wait out an
+        outage for ``outage_wait`` seconds, then the BackendUnavailableError propagates.
+        """
         deadline = time.monotonic() + self.outage_wait
         delay = 0.2
         while True:
             try:
                 write()
                 return
-            except BackendUnavailableError:
+            except BackendUnavailableError as exc:
                 if time.monotonic() + delay > deadline:
                     raise
+                log.warning("session %s: cannot %s (%s); retrying in %.1fs", self.id, what, exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 

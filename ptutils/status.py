@@ -241,7 +241,7 @@ class StatusWriter:
                 continue
             dropped += len(events) - len(kept)
             if kept and batched:
-                self.events.save({k: v for k, v in doc.items() if k != "_version"} | {"events": kept})
+                self.events.save({**doc, "events": kept})  # save() keeps the id and ignores _version
             else:
                 self.events.delete(doc["_id"])
         return dropped
