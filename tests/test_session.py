@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -491,6 +494,48 @@ def test_session_on_cuda_checkpoints_and_resumes_exactly(url, tmp_path):
         resumed.run()
     assert next(resumed.model.module.parameters()).is_cuda
     assert same_weights(weights(resumed), weights(reference))
+
+
+@contextlib.contextmanager
+def cuda_sync_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """Every device synchronisation inside the block, as torch's sync debug mode reports them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield caught
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+def syncs_in(caught: list[warnings.WarningMessage]) -> int:
+    return sum("called a synchronizing CUDA operation" in str(w.message) for w in caught)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_session_does_not_synchronise_every_step(tmp_path):
+    """The loop never reads the loss back per step: a run's device syncs do not grow with its steps."""
+    from .sessionkit import model as make_model
+    from .sessionkit import provider
+
+    def syncs(epochs: int) -> int:
+        m = make_model()
+        cuda = type(m)(m.module, m.criterion, {"cls": "torch.optim.SGD", "lr": 0.1}, device="cuda")
+        s = session((tmp_path / str(epochs)).as_uri(), model=cuda, data=provider(batch_size=1),
+                    stages=[{"name": "train", "data": "train", "max_epochs": epochs}], status_interval=1.0,
+                    checkpoint_every_epochs=None)  # checkpoints copy the state to the host, by design
+        with cuda_sync_warnings() as caught:
+            s.run()
+        assert s.state == "complete"
+        return syncs_in(caught)
+
+    with cuda_sync_warnings() as probe:
+        float(torch.ones(1, device="cuda"))
+    assert syncs_in(probe) >= 1, "sync debug mode reports nothing here"
+    one, four = syncs(1), syncs(4)
+    extra_steps = 3 * 72  # 72 single-sample batches per epoch
+    assert four - one < extra_steps // 4, (one, four)
 
 
 def test_scheduler_steps_every_epoch_by_default(url):

@@ -30,6 +30,16 @@ def test_pending_session_records_what_blocks_it(url):
     assert record["blocked_by"] == "RuntimeError: no CUDA device is available"
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_free_lets_a_session_start_or_names_the_memory_it_lacks(url, tmp_path):
+    assert session(url, start_conditions=[cuda_free(1)]).start() is True
+    too_much = 1 << 60
+    blocked = session((tmp_path / "blocked").as_uri(), start_conditions=[cuda_free(too_much)])
+    assert blocked.start() is False
+    assert blocked.record["blocked_by"] == f"RuntimeError: no CUDA device has {too_much} bytes free"
+
+
 def test_unreachable_database_blocks_start(url, tmp_path):
     missing = tmp_path / "not-a-dir"
     missing.write_text("a file where a database directory should be")
