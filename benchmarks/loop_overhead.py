@@ -21,14 +21,32 @@ median time, the median of those ratios, the ratio of the best (fastest) runs,
 the median ratio of process CPU time (every thread's, the Session's writer
 thread included: the work a variant costs even where a second core hides it
 from the wall time; on this VM it moves with the wall time, as stolen cycles
-count as CPU time), the added microseconds per step, and whether the final
-weights are bitwise identical to the raw loop's.  "steady us/step" is the
-Session's added cost per step between the end of step 1 and the end of the last
-step (same round, same window in the raw loop): the loop itself, without the
-durable start (record + initial checkpoint, fsync'd) and the final write.
+count as CPU time), the added microseconds per step over the whole run, and
+whether the final weights are bitwise identical to the raw loop's.
+
+The raw loops and the Session note when each step ends, which splits what a
+variant adds to the raw loop of the same round into:
+
+* ``step us``:  the median step's duration, minus the raw loop's (the per-step
+                cost of the loop, robust to the machine's hiccups);
+* ``start ms``: ``run()`` to the end of step 1 (the durable start: record and
+                initial checkpoint, written by the Session's writer thread);
+* ``ckpt ms``:  what each periodic checkpoint before the last adds to the 40
+                steps from its step on, over their median (the snapshot, and the
+                writer thread's fsync'd writes competing with training);
+* ``end ms``:   the end of the last step to ``run()`` returning (the last
+                checkpoint and the ``complete`` record, durable on return).
+
+The whole run's ``us/step`` is about ``step us`` plus the start, the checkpoints
+and the end spread over the steps (and each epoch's new iterator).
 
     python benchmarks/loop_overhead.py            # 2,000 steps, 5 rounds, batch 128 and 1
     python benchmarks/loop_overhead.py --quick
+    python benchmarks/loop_overhead.py --device cuda   # model and batches on the GPU
+
+On CUDA the loop is bound by kernel launches, so every microsecond of Python the
+Session adds per step shows, and a per-step device synchronisation (reading the
+loss back) would show as a multiple; each run ends with ``torch.cuda.synchronize``.
 """
 
 from __future__ import annotations
@@ -36,6 +54,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import math
 import os
 import statistics
 import tempfile
@@ -78,22 +97,41 @@ def loader_of(batches: list) -> DataLoader:
     return DataLoader(Batches(batches), batch_size=None, shuffle=False)
 
 
-STEADY: dict[str, float] = {}
-"""Seconds from the end of step 1 to the end of the last step, per variant (no start-up or shutdown)."""
-
-
 class Clock:
-    """Wall and process CPU seconds (every thread's) of the timed region of the last run."""
+    """Wall and process CPU seconds (every thread's) of the timed region of the last run, and its step ends."""
 
     def start(self) -> None:
-        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        self.marks: list[float] = []
+        self.t0, self._cpu = time.perf_counter(), time.process_time()
+
+    def mark(self) -> None:
+        """Note that a step just ended."""
+        self.marks.append(time.perf_counter())
 
     def stop(self) -> float:
-        self.wall, self.cpu = time.perf_counter() - self._wall, time.process_time() - self._cpu
+        self.t1, self.cpu = time.perf_counter(), time.process_time() - self._cpu
+        self.wall = self.t1 - self.t0
         return self.wall
+
+    def phases(self, steps: int) -> dict[str, float] | None:
+        """Seconds: start (to the end of step 1), median step, mean checkpoint excess, end; None if not marked."""
+        if len(self.marks) != steps:
+            return None
+        durations = [b - a for a, b in zip(self.marks, self.marks[1:])]  # durations[i] is step i + 2's
+        median = statistics.median(durations)
+        windows = range(CHECKPOINT_EVERY, steps - 40, CHECKPOINT_EVERY)
+        excess = [sum(d - median for d in durations[c - 2:c + 38]) for c in windows]
+        return {"start": self.marks[0] - self.t0, "step": median,
+                "ckpt": statistics.mean(excess) if excess else math.nan, "end": self.t1 - self.marks[-1]}
 
 
 CLOCK = Clock()
+DEVICE = torch.device("cpu")
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def run_raw(init: nn.Module, batches: list, steps: int, checkpoint_dir: str | None = None) -> tuple[float, nn.Module]:
@@ -110,17 +148,14 @@ def run_raw(init: nn.Module, batches: list, steps: int, checkpoint_dir: str | No
             loss.backward()
             opt.step()
             step += 1
-            if step == 1:
-                first = time.perf_counter()
+            CLOCK.mark()
             if checkpoint_dir is not None and step % CHECKPOINT_EVERY == 0:
                 state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
                 save_fsynced(state, f"{checkpoint_dir}/{step}.pt")
             if step == steps:
                 break
-    elapsed = CLOCK.stop()
-    if checkpoint_dir is None:
-        STEADY["raw"] = time.perf_counter() - first
-    return elapsed, model
+    synchronize()
+    return CLOCK.stop(), model
 
 
 CHECKPOINT_EVERY = 500
@@ -138,19 +173,11 @@ def run_raw_checkpointed(init: nn.Module, batches: list, steps: int) -> tuple[fl
         return run_raw(init, batches, steps, checkpoint_dir=tmp)
 
 
-class Stopwatch:
-    """An update that notes when step 1 and the last step end (the steady-state window)."""
-
-    def __init__(self, steps: int):
-        self.steps, self.first, self.last = steps, 0.0, 0.0
-
-    def __call__(self, session):
-        if session.event == "step":
-            if session.step == 1:
-                self.first = time.perf_counter()
-            elif session.step == self.steps:
-                self.last = time.perf_counter()
-        return session
+def mark_steps(session):
+    """An update that notes the end of each step on the clock."""
+    if session.event == "step":
+        CLOCK.mark()
+    return session
 
 
 class _Provider(DataProvider):
@@ -163,17 +190,16 @@ class _Provider(DataProvider):
 
 def run_session(init: nn.Module, batches: list, steps: int) -> tuple[float, nn.Module]:
     with tempfile.TemporaryDirectory() as tmp:
-        model = Model(copy.deepcopy(init), nn.CrossEntropyLoss(), {"cls": "torch.optim.SGD", "lr": 0.01}, device="cpu")
-        watch = Stopwatch(steps)
+        model = Model(copy.deepcopy(init), nn.CrossEntropyLoss(), {"cls": "torch.optim.SGD", "lr": 0.01}, device=DEVICE)
         session = Session(
             model, _Provider(batches), stages=[{"name": "train", "data": "train", "max_steps": steps}],
             db=f"file://{tmp}", checkpoint_every_steps=CHECKPOINT_EVERY, checkpoint_every_epochs=None, name="bench",
-            updates=[watch],
+            updates=[mark_steps],
         )
         CLOCK.start()
         session.run()
+        synchronize()
         elapsed = CLOCK.stop()
-        STEADY["session"] = watch.last - watch.first
         assert session.state == "complete" and session.step == steps
         session.close()
         return elapsed, model.module
@@ -184,10 +210,11 @@ def run_ignite(init: nn.Module, batches: list, steps: int) -> tuple[float, nn.Mo
 
     model = copy.deepcopy(init)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    trainer = create_supervised_trainer(model, opt, nn.CrossEntropyLoss())
+    trainer = create_supervised_trainer(model, opt, nn.CrossEntropyLoss(), device=DEVICE)
     loader = loader_of(batches)
     CLOCK.start()
     trainer.run(loader, max_epochs=-(-steps // len(batches)), epoch_length=min(steps, len(batches)))
+    synchronize()
     return CLOCK.stop(), model
 
 
@@ -210,11 +237,12 @@ def run_lightning(init: nn.Module, batches: list, steps: int) -> tuple[float, nn
     module = Module()
     trainer = L.Trainer(
         max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", devices=1, num_sanity_val_steps=0,
+        enable_model_summary=False, accelerator="gpu" if DEVICE.type == "cuda" else "cpu", devices=1, num_sanity_val_steps=0,
     )
     loader = loader_of(batches)
     CLOCK.start()
     trainer.fit(module, loader)
+    synchronize()
     return CLOCK.stop(), module.net
 
 
@@ -239,7 +267,7 @@ def available() -> dict[str, Callable]:
 
 def same_weights(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
-    return all(torch.equal(sa[k], sb[k]) for k in sa)
+    return all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)  # Lightning hands its module back on the CPU
 
 
 def main() -> None:
@@ -248,39 +276,48 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1])
     parser.add_argument("--quick", action="store_true", help="500 steps, 2 rounds")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model and batches live")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
     if args.quick:
         args.steps, args.rounds = 500, 2
     torch.set_num_threads(1)
     variants = available()
-    print(f"{args.steps} steps, {args.rounds} interleaved rounds, torch {torch.__version__}, 1 thread")
+    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+    print(f"{args.steps} steps, {args.rounds} interleaved rounds, torch {torch.__version__}, 1 thread, on {where}")
     print(f"{'batch':>5} {'variant':<10} {'median s':>9} {'x raw':>7} {'best x raw':>11} {'cpu x raw':>10} "
-          f"{'us/step':>9} {'steady us/step':>15} {'same weights':>13}")
+          f"{'us/step':>9} {'step us':>8} {'start ms':>9} {'ckpt ms':>8} {'end ms':>7} {'same weights':>13}")
     for batch_size in args.batch_sizes:
-        batches = make_batches(batch_size)
-        init = make_mlp()
+        batches = [(x.to(DEVICE), y.to(DEVICE)) for x, y in make_batches(batch_size)]
+        init = make_mlp().to(DEVICE)
         times: dict[str, list[float]] = {name: [] for name in variants}
-        steady: dict[str, list[float]] = {"raw": [], "session": []}
         ratios: dict[str, list[float]] = {name: [] for name in variants}
         cpu_ratios: dict[str, list[float]] = {name: [] for name in variants}
+        added: dict[str, dict[str, list[float]]] = {name: {} for name in variants}
         identical: dict[str, bool] = {}
         for _ in range(args.rounds):
             before, raw_model = run_raw(init, batches, args.steps)
-            before_steady, before_cpu = STEADY["raw"], CLOCK.cpu
+            before_cpu, before_phases = CLOCK.cpu, CLOCK.phases(args.steps)
             for name, fn in variants.items():
                 if name == "raw":
                     continue
                 elapsed, model = fn(init, batches, args.steps)
-                cpu = CLOCK.cpu
+                cpu, phases = CLOCK.cpu, CLOCK.phases(args.steps)
                 after, _ = run_raw(init, batches, args.steps)  # the next variant's "before"
+                after_phases = CLOCK.phases(args.steps)
                 times[name].append(elapsed)
                 times["raw"].append(before)
                 ratios[name].append(elapsed / ((before + after) / 2))
                 cpu_ratios[name].append(cpu / ((before_cpu + CLOCK.cpu) / 2))
                 identical[name] = same_weights(model, raw_model)
-                if name == "session":
-                    steady["session"].append(STEADY["session"] - (before_steady + STEADY["raw"]) / 2)
-                before, before_steady, before_cpu = after, STEADY["raw"], CLOCK.cpu
+                if phases is not None:
+                    for key, value in phases.items():
+                        raw_value = (before_phases[key] + after_phases[key]) / 2
+                        added[name].setdefault(key, []).append(value - raw_value)
+                before, before_cpu, before_phases = after, CLOCK.cpu, after_phases
             times["raw"].append(before)
         raw_median, raw_best = statistics.median(times["raw"]), min(times["raw"])
         ratios["raw"] = cpu_ratios["raw"] = [1.0]
@@ -288,11 +325,12 @@ def main() -> None:
             median = statistics.median(times[name])
             overhead = (median - raw_median) / args.steps * 1e6
             same = "baseline" if name == "raw" else ("yes" if identical[name] else "NO")
-            steady_us = f"{statistics.median(steady[name]) / (args.steps - 1) * 1e6:.1f}" if name == "session" else ""
+            phase = {key: statistics.median(values) for key, values in added[name].items()}
+            cells = [f"{phase['step'] * 1e6:.1f}", f"{phase['start'] * 1e3:.2f}", (f"{phase['ckpt'] * 1e3:.2f}" if math.isfinite(phase["ckpt"]) else "-"),
+                     f"{phase['end'] * 1e3:.2f}"] if phase else [""] * 4
             print(f"{batch_size:>5} {name:<10} {median:>9.3f} {statistics.median(ratios[name]):>7.3f} "
                   f"{min(times[name]) / raw_best:>11.3f} {statistics.median(cpu_ratios[name]):>10.3f} "
-                  f"{overhead:>9.1f} {steady_us:>15} {same:>13}")
-
+                  f"{overhead:>9.1f} {cells[0]:>8} {cells[1]:>9} {cells[2]:>8} {cells[3]:>7} {same:>13}")
 
 if __name__ == "__main__":
     main()
