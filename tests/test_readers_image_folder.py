@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from torchvision.transforms import v2
 from ptutils.data import Dataset, DatasetProvider, ImageNet, make_dataloader, set_loader_position
 from ptutils.errors import ConfigError, DataError
 from ptutils.readers import ImageFolderReader
+from ptutils.readers import image_folder
 
 from .datagen import write_hdf5, write_image_folder
 
@@ -24,9 +27,10 @@ def folder(tmp_path):
     return root, write_image_folder(root)
 
 
-def test_records_agree_with_torchvision_image_folder(folder) -> None:
+@pytest.mark.parametrize("decoder", ["torchvision", "pil"])
+def test_records_agree_with_torchvision_image_folder(folder, decoder) -> None:
     root, written = folder
-    reader = ImageFolderReader(root)
+    reader = ImageFolderReader(root, decoder=decoder)
     tv = torchvision.datasets.ImageFolder(str(root))
     assert reader.classes == tv.classes == ["cat", "dog"]
     assert reader.samples == tv.samples
@@ -55,6 +59,82 @@ def test_jpeg_and_read_modes(tmp_path) -> None:
         ImageFolderReader(root, on_corrupt="ignore")
 
 
+def test_pil_decoder_gives_image_folders_own_pixels(tmp_path) -> None:
+    root = tmp_path / "jpegs"
+    write_image_folder(root, per_class=2, fmt="jpg")
+    tv = torchvision.datasets.ImageFolder(str(root), transform=v2.PILToTensor())
+    pil = ImageFolderReader(root, decoder="pil")
+    assert all(torch.equal(pil.read(i)[0], tv[i][0]) for i in range(len(pil)))  # both decode with Pillow
+
+
+def write_pixel_formats(root) -> dict[str, int]:
+    """One 8x8 image per pixel format under root/c; its index in the reader by name."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (8, 8, 1), dtype=np.uint8)
+    (root / "c").mkdir(parents=True)
+    images = {
+        "rgba.png": Image.fromarray(np.concatenate([rgb, alpha], 2), "RGBA"),
+        "gray.png": Image.fromarray(rgb[:, :, 0], "L"),
+        "gray_alpha.png": Image.fromarray(np.concatenate([rgb[:, :, :1], alpha], 2), "LA"),
+        "rgb.jpg": Image.fromarray(rgb, "RGB"),
+        "gray.jpg": Image.fromarray(rgb[:, :, 0], "L"),
+        "palette.png": Image.fromarray(rgb, "RGB").quantize(16),
+    }
+    for name, image in images.items():
+        image.save(root / "c" / name)
+    Image.fromarray(rgb, "RGB").quantize(16).save(root / "c" / "palette_t.png", transparency=0)
+    return {name: i for i, name in enumerate(sorted([*images, "palette_t.png"]))}
+
+
+@pytest.mark.parametrize("mode", image_folder.READ_MODES)
+def test_both_decoders_read_every_mode_alike(tmp_path, mode) -> None:
+    index = write_pixel_formats(tmp_path)
+    tv = ImageFolderReader(tmp_path, mode=mode, decoder="torchvision")
+    pil = ImageFolderReader(tmp_path, mode=mode, decoder="pil")
+    channels = {"GRAY": 1, "GRAY_ALPHA": 2, "RGB": 3, "RGB_ALPHA": 4}.get(mode)
+    for name in ("rgba.png", "gray.png", "gray_alpha.png", "rgb.jpg", "gray.jpg"):
+        if name.endswith(".jpg") and mode in ("GRAY_ALPHA", "RGB_ALPHA"):
+            continue  # torchvision.io refuses alpha modes for JPEG (Pillow adds an opaque alpha)
+        a, b = tv.read(index[name])[0], pil.read(index[name])[0]
+        assert a.shape == b.shape and (channels is None or a.shape[0] == channels), name
+        tolerance = 0 if mode in ("UNCHANGED", "RGB", "RGB_ALPHA") else 1  # Pillow's luma rounds its own way
+        if name == "rgb.jpg" and mode == "GRAY":
+            tolerance = 8  # libjpeg's luma plane against Pillow's luma of the decoded RGB (4 on this data)
+        assert (a.int() - b.int()).abs().max() <= tolerance, name
+    unchanged = {"UNCHANGED": {"palette.png": 3, "palette_t.png": 4}}.get(mode, {})
+    for name, expected in unchanged.items():
+        assert pil.read(index[name])[0].shape[0] == expected  # palettes expanded, transparency kept
+
+
+def test_auto_decoder_falls_back_to_pil_where_torchvision_has_no_decoders(folder, monkeypatch) -> None:
+    root, written = folder
+    assert ImageFolderReader(root).decoder == "torchvision"
+    monkeypatch.setattr(image_folder, "_torchvision_decode", None)  # as a torchvision without torchvision.io decoders
+    reader = ImageFolderReader(root)
+    assert reader.decoder == "pil" and "decoder='pil'" in repr(reader)
+    assert torch.equal(reader.read(0)[0], torch.from_numpy(written[0][2]).permute(2, 0, 1))
+    with pytest.raises(ConfigError, match="decoder.*no image decoders"):
+        ImageFolderReader(root, decoder="torchvision")
+    with pytest.raises(ConfigError, match="decoder"):
+        ImageFolderReader(root, decoder="opencv")
+
+
+def test_reader_imports_and_reads_with_a_torchvision_that_lost_its_decoders(folder) -> None:
+    root, written = folder
+    script = (
+        "import sys, torchvision.io\n"
+        "del torchvision.io.decode_image  # as torchvision will once 0.29's deprecation runs out\n"
+        "from ptutils.readers import ImageFolderReader\n"
+        "reader = ImageFolderReader(sys.argv[1])\n"
+        "print(reader.decoder, reader.read(0)[0].flatten()[:6].tolist())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(root)], capture_output=True, text=True, check=True).stdout
+    assert out.split(" ", 1) == ["pil", f"{written[0][2].transpose(2, 0, 1).flatten()[:6].tolist()}\n"]
+
+
 def test_loader_batches_with_a_resize_transform(folder) -> None:
     root, written = folder
     dataset = Dataset(ImageFolderReader(root), transform=v2.Resize((4, 4), antialias=True))
@@ -75,12 +155,13 @@ def test_missing_and_empty_folders(tmp_path) -> None:
         ImageFolderReader(tmp_path / "empty")
 
 
-def test_corrupt_image_raises_naming_file_and_index(folder) -> None:
+@pytest.mark.parametrize("decoder", ["torchvision", "pil"])
+def test_corrupt_image_raises_naming_file_and_index(folder, decoder) -> None:
     root, written = folder
     bad_path = written[4][0]
     with open(bad_path, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n truncated")
-    reader = ImageFolderReader(root)
+    reader = ImageFolderReader(root, decoder=decoder)
     with pytest.raises(DataError) as err:
         reader.read(np.array([2, 3, 4, 5]))
     assert err.value.file == bad_path and err.value.index == 4 and "cannot decode" in str(err.value)
