@@ -237,7 +237,8 @@ def run_lightning(init: nn.Module, batches: list, steps: int) -> tuple[float, nn
     module = Module()
     trainer = L.Trainer(
         max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="gpu" if DEVICE.type == "cuda" else "cpu", devices=1, num_sanity_val_steps=0,
+        enable_model_summary=False, accelerator="gpu" if DEVICE.type == "cuda" else "cpu", devices=1,
+        num_sanity_val_steps=0,
     )
     loader = loader_of(batches)
     CLOCK.start()
@@ -326,11 +327,14 @@ def main() -> None:
             overhead = (median - raw_median) / args.steps * 1e6
             same = "baseline" if name == "raw" else ("yes" if identical[name] else "NO")
             phase = {key: statistics.median(values) for key, values in added[name].items()}
-            cells = [f"{phase['step'] * 1e6:.1f}", f"{phase['start'] * 1e3:.2f}", (f"{phase['ckpt'] * 1e3:.2f}" if math.isfinite(phase["ckpt"]) else "-"),
-                     f"{phase['end'] * 1e3:.2f}"] if phase else [""] * 4
+            cells = [""] * 4
+            if phase:
+                ckpt = f"{phase['ckpt'] * 1e3:.2f}" if math.isfinite(phase["ckpt"]) else "-"
+                cells = [f"{phase['step'] * 1e6:.1f}", f"{phase['start'] * 1e3:.2f}", ckpt, f"{phase['end'] * 1e3:.2f}"]
             print(f"{batch_size:>5} {name:<10} {median:>9.3f} {statistics.median(ratios[name]):>7.3f} "
                   f"{min(times[name]) / raw_best:>11.3f} {statistics.median(cpu_ratios[name]):>10.3f} "
                   f"{overhead:>9.1f} {cells[0]:>8} {cells[1]:>9} {cells[2]:>8} {cells[3]:>7} {same:>13}")
+
 
 if __name__ == "__main__":
     main()
