@@ -19,7 +19,9 @@ sequential and shuffled epochs) for:
   is the same reads sent the DataLoader's default way, as the per-item
   baseline's batches are;
 * ``tv ImageFolder``: ``torchvision.datasets.ImageFolder`` (PIL loader +
-  ``PILToTensor``) against :class:`ptutils.readers.ImageFolderReader`.
+  ``PILToTensor``) against :class:`ptutils.readers.ImageFolderReader`, which
+  decodes with ``torchvision.io``, and with Pillow (``ImageFolderReader (pil)``,
+  what it falls back to once torchvision drops its deprecated decoders).
 
 Every loader has the same DataLoader settings (batch 256, persistent workers,
 default prefetch).  Ratios are against the baselines measured in the same run.
@@ -229,10 +231,10 @@ TARGETS = {
 }
 
 
-def ptutils_dataset(fmt: str, path: str) -> Dataset:
+def ptutils_dataset(fmt: str, path: str, **options: Any) -> Dataset:
     """A ptutils Dataset over a new reader of ``path``."""
     reader = {"hdf5": HDF5Reader, "zarr": ZarrReader, "jpeg": ImageFolderReader}[fmt]
-    return Dataset(reader(path))
+    return Dataset(reader(path, **options))
 
 
 def build_cases(paths: dict[str, str]) -> dict[tuple[str, str, int, str], Callable[[], DataLoader]]:
@@ -273,6 +275,7 @@ def build_cases(paths: dict[str, str]) -> dict[tuple[str, str, int, str], Callab
             )
         tv = partial(torchvision.datasets.ImageFolder, paths["jpeg"], transform=v2.PILToTensor())
         folder = partial(ptutils_dataset, "jpeg", paths["jpeg"])
+        folder_pil = partial(ptutils_dataset, "jpeg", paths["jpeg"], decoder="pil")
         for order in ("sequential", "shuffled"):
             shuffle = order == "shuffled"
             cases["jpeg", "tv ImageFolder", workers, order] = loader(
@@ -280,6 +283,9 @@ def build_cases(paths: dict[str, str]) -> dict[tuple[str, str, int, str], Callab
             )
             cases["jpeg", "ImageFolderReader", workers, order] = loader(
                 folder, True, batch_size=BATCH, shuffle=shuffle, **common
+            )
+            cases["jpeg", "ImageFolderReader (pil)", workers, order] = loader(
+                folder_pil, True, batch_size=BATCH, shuffle=shuffle, **common
             )
     return cases
 
