@@ -150,10 +150,11 @@ class ImageFolderReader(DataReader):
         path = self.samples[index][0]
         try:
             with open(path, "rb") as file:
-                data = bytearray(file.read())
+                data = file.read()
             if self.decoder == "pil":
                 return _decode_pil(data, self.mode_name)
-            return _torchvision_decode(torch.frombuffer(data, dtype=torch.uint8), mode=self.mode)
+            writable = bytearray(data)  # torch.frombuffer wants a writable buffer
+            return _torchvision_decode(torch.frombuffer(writable, dtype=torch.uint8), mode=self.mode)
         except (RuntimeError, OSError, ValueError, Image.DecompressionBombError) as exc:
             raise DataError(f"cannot decode image: {exc}", file=path, index=index) from exc
 
