@@ -65,7 +65,7 @@ from ptutils import open_db
 from ptutils.backends.mongo import MongoInterface
 from ptutils.backends.sql import SQLInterface, _dump_body
 from ptutils.database import DBInterface
-from tests import services
+from tests.support import services
 
 ALL = ("fs", "sqlite", "postgres", "mariadb", "mongo")
 STATES = ("pending", "running", "paused", "complete", "failed")

@@ -3,7 +3,7 @@
 ``db_url`` is parametrised over the backends selected with ``--backends`` or
 the ``PTUTILS_BACKENDS`` environment variable (comma separated, default: all of
 fs, sqlite, postgres, mariadb, mongo).  Servers are provisioned once per test
-run by :mod:`tests.services`; a missing server skips its tests, or fails them
+run by :mod:`tests.support.services`; a missing server skips its tests, or fails them
 when ``PTUTILS_REQUIRE_SERVICES=1`` (as in CI).
 """
 
@@ -16,8 +16,8 @@ import pytest
 
 from ptutils import open_db
 
-from . import faults as _faults
-from . import services
+from .support import faults as _faults
+from .support import services
 
 ALL_BACKENDS = ("fs", "sqlite", "postgres", "mariadb", "mongo")
 

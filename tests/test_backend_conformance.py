@@ -31,7 +31,7 @@ from ptutils.errors import (
 )
 from ptutils.query import get_path, matches, sort_docs
 
-from .storage_helpers import (
+from .support.storage_helpers import (
     assert_identical,
     increment_worker,
     process_context,

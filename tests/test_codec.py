@@ -22,7 +22,7 @@ from ptutils import codec
 from ptutils.codec import TAG, blob_refs, decode, encode
 from ptutils.errors import CodecError, CorruptionError, NotFoundError, StorageError
 
-from .storage_helpers import Detonator, assert_identical
+from .support.storage_helpers import Detonator, assert_identical
 
 pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 

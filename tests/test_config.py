@@ -18,7 +18,7 @@ BASE = {
         "optimizer": {"cls": "torch.optim.SGD", "lr": 0.1},
         "device": "cpu",
     },
-    "data": {"cls": "tests.sessionkit.provider"},
+    "data": {"cls": "tests.support.sessionkit.provider"},
     "stages": [{"name": "train", "data": "train", "max_epochs": 2}],
     "checkpoint": {"every_epochs": 1, "keep": 2},
 }
@@ -94,7 +94,7 @@ def test_round_trip_through_dict_and_toml(tmp_path):
         '[model.module]\ncls = "torch.nn.Linear"\nin_features = 8\nout_features = 2\n'
         '[model.criterion]\ncls = "torch.nn.CrossEntropyLoss"\n'
         '[model.optimizer]\ncls = "torch.optim.SGD"\nlr = 0.1\n'
-        '[data]\ncls = "tests.sessionkit.provider"\n'
+        '[data]\ncls = "tests.support.sessionkit.provider"\n'
         '[checkpoint]\nevery_epochs = 1\nkeep = 2\n'
         '[[stages]]\nname = "train"\ndata = "train"\nmax_epochs = 2\n'
     )

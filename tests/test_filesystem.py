@@ -37,7 +37,7 @@ from ptutils.errors import (
     StorageError,
 )
 
-from .storage_helpers import (
+from .support.storage_helpers import (
     increment_worker,
     limited_write_worker,
     mixed_writer_worker,

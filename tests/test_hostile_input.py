@@ -60,7 +60,7 @@ from ptutils.query import matches, parse_query, project, sort_docs
 from ptutils.session import Session
 from ptutils.status import request_pause
 
-from .storage_helpers import Detonator, assert_identical, stored_body
+from .support.storage_helpers import Detonator, assert_identical, stored_body
 
 FUZZ_EMBEDDED = 1000
 FUZZ_SERVER = 150

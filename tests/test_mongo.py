@@ -29,10 +29,10 @@ from ptutils.errors import (
 )
 from ptutils.query import parse_query
 
-from . import services
+from .support import services
 from .conftest import selected_backends
-from .query_cases import check_translation
-from .storage_helpers import assert_identical, stored_body
+from .support.query_cases import check_translation
+from .support.storage_helpers import assert_identical, stored_body
 
 pytestmark = pytest.mark.backend
 

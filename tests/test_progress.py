@@ -7,7 +7,7 @@ import io
 from ptutils.progress import Progress
 from ptutils.update import Evaluate
 
-from .sessionkit import session
+from .support.sessionkit import session
 
 
 def test_progress_shows_each_stage_with_its_budget(tmp_path):

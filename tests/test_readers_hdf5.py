@@ -13,7 +13,7 @@ from ptutils.data import Dataset, ImageNet, make_dataloader, set_loader_position
 from ptutils.errors import ConfigError, DataError
 from ptutils.readers import HDF5Reader
 
-from .datagen import write_hdf5
+from .support.datagen import write_hdf5
 
 
 @pytest.fixture

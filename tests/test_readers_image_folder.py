@@ -17,7 +17,7 @@ from ptutils.errors import ConfigError, DataError
 from ptutils.readers import ImageFolderReader
 from ptutils.readers import image_folder
 
-from .datagen import write_hdf5, write_image_folder
+from .support.datagen import write_hdf5, write_image_folder
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from ptutils.data import Dataset, make_dataloader
 from ptutils.errors import DataError
 from ptutils.readers import ZarrReader
 
-from .datagen import write_zarr
+from .support.datagen import write_zarr
 
 
 @pytest.fixture

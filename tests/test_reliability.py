@@ -5,7 +5,7 @@ where the fault kills it), then checks what a user relies on: the status
 record tells the truth, every checkpoint record points to a readable
 checkpoint, resuming ends with weights bitwise-identical to an uninterrupted
 run, and no epoch's metrics are missing.  Results feed the reliability table
-printed at the end of the run (tests/faults.py).
+printed at the end of the run (tests/support/faults.py).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from ptutils.checkpoint import CheckpointStore
 from ptutils.errors import CorruptionError
 from ptutils.status import StatusWriter, describe
 
-from . import crashkit, services
-from .services import free_port, unavailable
-from .sessionkit import model, same_weights, weights
+from .support import crashkit, services
+from .support.services import free_port, unavailable
+from .support.sessionkit import model, same_weights, weights
 
 ROOT = Path(__file__).resolve().parent.parent
 TOTAL_STEPS = crashkit.STEPS_PER_EPOCH * crashkit.EPOCHS
@@ -49,7 +49,7 @@ def reference(tmp_path_factory):
 
 def run_child(url: str, session_id: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "tests.crashkit", url, session_id, *args],
+        [sys.executable, "-m", "tests.support.crashkit", url, session_id, *args],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
 

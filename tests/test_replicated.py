@@ -20,9 +20,9 @@ from ptutils.database import DBInterface
 from ptutils.errors import BackendUnavailableError, ConflictError, NotFoundError
 from ptutils.replicated import ReplicatedInterface, open_replicated
 
-from . import services
+from .support import services
 from .conftest import selected_backends
-from .storage_helpers import assert_identical
+from .support.storage_helpers import assert_identical
 
 pytestmark = pytest.mark.backend
 

@@ -11,7 +11,7 @@ import torch
 from ptutils import open_db
 from ptutils.update import Monitor
 
-from .sessionkit import model, same_weights, session, weights
+from .support.sessionkit import model, same_weights, session, weights
 
 STAGES = [{"name": "train", "data": "train", "max_epochs": 3}]
 

@@ -17,7 +17,7 @@ from ptutils.session import Session
 from ptutils.status import StatusWriter, request_pause
 from ptutils.update import Monitor, Threshold, every_n_steps
 
-from .sessionkit import model, same_weights, session, weights
+from .support.sessionkit import model, same_weights, session, weights
 
 
 @pytest.fixture
@@ -277,7 +277,7 @@ def test_update_requests_new_dataloader(url):
             requests.append(request)
             return self.inner.get_dataloader(request)
 
-    from .sessionkit import provider
+    from .support.sessionkit import provider
 
     def switch_data(session, value):
         session.request_data({"dataset": "val", "batch_size": 4})
@@ -480,7 +480,7 @@ def test_no_duplicate_final_checkpoint_when_the_last_step_was_checkpointed(url):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_session_on_cuda_checkpoints_and_resumes_exactly(url, tmp_path):
-    from .sessionkit import model as make_model
+    from .support.sessionkit import model as make_model
 
     def cuda_model():
         m = make_model()
@@ -516,8 +516,8 @@ def syncs_in(caught: list[warnings.WarningMessage]) -> int:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_cuda_session_does_not_synchronise_every_step(tmp_path):
     """The loop never reads the loss back per step: a run's device syncs do not grow with its steps."""
-    from .sessionkit import model as make_model
-    from .sessionkit import provider
+    from .support.sessionkit import model as make_model
+    from .support.sessionkit import provider
 
     def syncs(epochs: int) -> int:
         m = make_model()

@@ -1,7 +1,7 @@
 """SQLInterface on real SQLite, PostgreSQL and MariaDB: emitted SQL, indexes, schema version, blobs, retries.
 
 The SQL backends selected with ``--backends`` (sqlite, postgres, mariadb) each
-get a fresh database for this module (see tests/services.py).
+get a fresh database for this module (see tests/support/services.py).
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from ptutils.errors import (
 )
 from ptutils.query import matches, parse_query, parse_sort, sort_docs
 
-from . import services
+from .support import services
 from .conftest import selected_backends
-from .query_cases import check_translation
+from .support.query_cases import check_translation
 
 pytestmark = pytest.mark.backend
 

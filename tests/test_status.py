@@ -12,7 +12,7 @@ from ptutils import open_db
 from ptutils.model import cuda_free
 from ptutils.status import EVENTS, StatusWriter, db_reachable, describe, is_stale, request_pause
 
-from .sessionkit import session
+from .support.sessionkit import session
 
 
 @pytest.fixture

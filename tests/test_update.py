@@ -12,7 +12,7 @@ from ptutils.update import (
     lower_lr, run_updates,
 )
 
-from .sessionkit import session
+from .support.sessionkit import session
 
 
 def test_threshold():

@@ -1,6 +1,6 @@
 """A training session run in a child process, with faults injected on request.
 
-    python -m tests.crashkit URL SESSION_ID [--kill-at-step K] [--kill-in-checkpoint-write N]
+    python -m tests.support.crashkit URL SESSION_ID [--kill-at-step K] [--kill-in-checkpoint-write N]
                                             [--kill-in-status-write N] [--step-sleep S]
                                             [--disk-full-at-step K DIR] [--drop-root-at-step K]
                                             [--no-epoch-checkpoints] [--store-events-first]
@@ -26,7 +26,7 @@ EPOCHS = 4
 
 def build(url: str, session_id: str | None = None, updates: list | None = None, **kwargs: Any):
     """The session every reliability run trains (20 steps, dropout, a checkpoint every 3 steps)."""
-    from tests.sessionkit import session
+    from tests.support.sessionkit import session
 
     kwargs.setdefault("stages", [{"name": "train", "data": "train", "max_epochs": EPOCHS}])
     kwargs.setdefault("checkpoint_every_steps", 3)

@@ -1,0 +1,6 @@
+"""Helpers the tests share: sessions, data, servers, fault records, storage assertions.
+
+Nothing here is a test.  ``crashkit`` also runs as a script in a child process
+(``python -m tests.support.crashkit``); ``storage_helpers`` holds the worker
+functions child processes import.
+"""
