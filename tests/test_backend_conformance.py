@@ -30,14 +30,8 @@ from ptutils.errors import (
     QueryError,
 )
 from ptutils.query import get_path, matches, sort_docs
-
-from .support.storage_helpers import (
-    assert_identical,
-    increment_worker,
-    process_context,
-    run_processes,
-    stored_body,
-)
+from ptutils.testing.assertions import assert_identical, stored_body
+from ptutils.testing.processes import increment_worker, process_context, run_processes
 
 BIG = 10_000  # float64 elements: 80 kB, over the 64 kB blob threshold
 

@@ -21,8 +21,9 @@ from hypothesis.extra import numpy as npst
 from ptutils import codec
 from ptutils.codec import TAG, blob_refs, decode, encode
 from ptutils.errors import CodecError, CorruptionError, NotFoundError, StorageError
+from ptutils.testing.assertions import assert_identical
 
-from .support.storage_helpers import Detonator, assert_identical
+from .support.storage_helpers import Detonator
 
 pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 

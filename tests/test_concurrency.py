@@ -1,7 +1,7 @@
 """Concurrency: 8 processes updating one session record and one parent record at once lose nothing (issue 10).
 
 Every test runs on every backend of the matrix.  The workers are separate
-processes (a ``forkserver`` context, see :func:`tests.support.storage_helpers.process_context`)
+processes (a ``forkserver`` context, see :func:`ptutils.testing.processes.process_context`)
 that open the database by URL and start together at a barrier, so their
 updates really interleave.  What they do is what sessions do:
 
@@ -30,8 +30,7 @@ from ptutils.errors import ConflictError
 from ptutils.model import Model
 from ptutils.session import Session
 from ptutils.status import SESSIONS, StatusWriter
-
-from .support.storage_helpers import process_context, run_processes
+from ptutils.testing.processes import process_context, run_processes
 
 WORKERS = 8
 

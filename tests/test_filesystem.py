@@ -36,15 +36,13 @@ from ptutils.errors import (
     SchemaVersionError,
     StorageError,
 )
+from ptutils.testing.assertions import stored_body
+from ptutils.testing.processes import increment_worker, process_context, run_processes
 
 from .support.storage_helpers import (
-    increment_worker,
     limited_write_worker,
     mixed_writer_worker,
-    process_context,
     rewrite_forever_worker,
-    run_processes,
-    stored_body,
     unprivileged_write_worker,
 )
 

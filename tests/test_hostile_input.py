@@ -59,8 +59,9 @@ from ptutils.model import Model
 from ptutils.query import matches, parse_query, project, sort_docs
 from ptutils.session import Session
 from ptutils.status import request_pause
+from ptutils.testing.assertions import assert_identical, stored_body
 
-from .support.storage_helpers import Detonator, assert_identical, stored_body
+from .support.storage_helpers import Detonator
 
 FUZZ_EMBEDDED = 1000
 FUZZ_SERVER = 150

@@ -28,11 +28,11 @@ from ptutils.errors import (
     StorageError,
 )
 from ptutils.query import parse_query
+from ptutils.testing.assertions import assert_identical, stored_body
 
-from .support import services
 from .conftest import selected_backends
+from .support import services
 from .support.query_cases import check_translation
-from .support.storage_helpers import assert_identical, stored_body
 
 pytestmark = pytest.mark.backend
 

@@ -19,10 +19,10 @@ from ptutils import open_db
 from ptutils.database import DBInterface
 from ptutils.errors import BackendUnavailableError, ConflictError, NotFoundError
 from ptutils.replicated import ReplicatedInterface, open_replicated
+from ptutils.testing.assertions import assert_identical
 
-from .support import services
 from .conftest import selected_backends
-from .support.storage_helpers import assert_identical
+from .support import services
 
 pytestmark = pytest.mark.backend
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from ptutils.database import DBInterface
 from ptutils.query import matches, sort_docs
-
-from .storage_helpers import assert_identical
+from ptutils.testing.assertions import assert_identical
 
 BIG = 2**60
 TRICKY_DOCS: dict[str, dict] = {
