@@ -195,7 +195,7 @@ class ResumableBatchSampler(BatchSampler):
     positioned at ``start`` begins at batch ``start // batch_size``).
 
     ``precollate=True`` tells datasets that the loader's ``collate_fn`` is
-    :func:`ptutils.data.collate`, so :meth:`ptutils.data.Dataset.__getitems__`
+    :func:`ptutils.batches.collate`, so :meth:`ptutils.data.Dataset.__getitems__`
     may hand back the batch already collated (no per-sample split and re-stack);
     :func:`ptutils.data.make_dataloader` sets it when it uses that ``collate``.
     """

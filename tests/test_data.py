@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, default_collate
+from torch.utils.data import RandomSampler, SequentialSampler
 
 from ptutils.data import (
     ArrayReader,
@@ -21,12 +21,11 @@ from ptutils.data import (
     ResumableSampler,
     check_index,
     coalesce_runs,
-    make_dataloader,
     set_loader_position,
 )
 from ptutils.errors import ConfigError, DataError
 
-from .support.loaders import run_epoch, same, toy_dataset
+from .support.loaders import toy_dataset
 
 
 @pytest.fixture
@@ -96,73 +95,6 @@ def test_transforms_apply_to_input_and_target(toy: Dataset) -> None:
     assert float(image[0, 0]) == 6.0 and label == 103
     batch = ds.__getitems__([3, 4])
     assert [lab for _, lab in batch] == [103, 104]
-
-
-def test_precollated_batches_equal_default_collate() -> None:
-    n = 23
-    rng = np.random.default_rng(0)
-    reader = ArrayReader(
-        image=rng.random((n, 2, 2), dtype=np.float32),
-        label=rng.integers(0, 9, n).astype(np.int32),
-        weight=rng.random(n, dtype=np.float32),
-        flag=rng.random(n) > 0.5,
-        vector=rng.integers(0, 5, (n, 4)).astype(np.uint8),
-    )
-    ds = Dataset(reader)
-    ours = run_epoch(make_dataloader(ds, batch_size=5))
-    plain = run_epoch(DataLoader(ds, batch_size=5, collate_fn=default_collate))
-    assert same(ours, plain)
-    assert [t.dtype for t in ours[0]] == [torch.float32, torch.int64, torch.float64, torch.bool, torch.uint8]
-
-
-def test_shared_batches_pickle_as_plain_owned_tensors_and_free_their_block() -> None:
-    from multiprocessing.reduction import ForkingPickler
-
-    from ptutils.data import _SharedBatch
-
-    value = [
-        torch.arange(24, dtype=torch.uint8).view(2, 3, 4),
-        torch.tensor([5, -1]),
-        torch.tensor([True, False]),
-        torch.zeros(0, 3),
-        torch.ones(2, dtype=torch.bfloat16),
-    ]
-    packed = _SharedBatch(value)
-    assert int(packed.block[0]) == 1  # busy until the receiver copied it out
-    got = ForkingPickler.loads(bytes(ForkingPickler.dumps(packed)))
-    assert type(got) is list and all(type(t) is torch.Tensor for t in got)
-    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, value))
-    assert int(packed.block[0]) == 0
-    got[0] += 1  # the receiver's tensors are its own, not views of the reused block
-    again = _SharedBatch(torch.full((5,), 7.0))
-    assert again.block.data_ptr() == packed.block.data_ptr()  # the freed block is reused
-    assert torch.equal(ForkingPickler.loads(bytes(ForkingPickler.dumps(again))), torch.full((5,), 7.0))
-
-
-@pytest.mark.parametrize("context", ["fork", "spawn"])
-def test_batches_from_workers_stay_intact_while_their_blocks_are_reused(context: str) -> None:
-    n = 203
-    images = np.arange(n * 12, dtype=np.int16).reshape(n, 3, 4)
-    ds = Dataset(ArrayReader(images=images, labels=np.arange(n) * 3))
-    options = {"batch_size": 10, "shuffle": True, "seed": 4, "num_workers": 2, "multiprocessing_context": context}
-    plain = make_dataloader(ds, **{**options, "num_workers": 0})
-    loader = make_dataloader(ds, **options, persistent_workers=True)
-    kept = []  # every batch stays referenced: a reused block must never overwrite one
-    for epoch in range(3):
-        set_loader_position(plain, epoch, 0)
-        expected = list(plain)
-        set_loader_position(loader, epoch, 0)
-        for k, batch in enumerate(loader):
-            if epoch == 1 and k == 4:
-                break  # an abandoned pass leaves batches in flight
-            kept.append((batch, expected[k]))
-    set_loader_position(loader, 1, 0)
-    set_loader_position(plain, 1, 0)
-    kept += list(zip(loader, plain))
-    assert len(kept) == 21 + 4 + 21 + 21
-    for (x, y), (ex, ey) in kept:
-        assert x.dtype == torch.int16 and y.dtype == torch.int64
-        assert torch.equal(x, ex) and torch.equal(y, ey)
 
 
 # ----------------------------------------------------------------------------- providers
