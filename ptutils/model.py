@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .conditions import cuda_free  # noqa: F401  (imported from here before conditions.py)
 from .config import ModelConfig, build
 from .errors import ConfigError
 
@@ -142,11 +143,15 @@ class Model:
         self.scheduler = scheduler
         return scheduler
 
+    def steps_scheduler_every(self, interval: str) -> bool:
+        """Whether the LR scheduler is stepped every ``interval`` (``"step"`` or ``"epoch"``)."""
+        return self.scheduler is not None and self.scheduler_interval == interval
+
     def step_scheduler(self, metrics: Mapping[str, float]) -> None:
-        """Advance the LR scheduler (the session calls this each epoch or step, as configured).
+        """Advance the LR scheduler; the loop calls this after each step or epoch, as ``scheduler_interval`` says.
 
         A scheduler that needs a value (ReduceLROnPlateau) gets ``metrics[scheduler_metric]``
-        and is skipped until that metric exists.
+        and is skipped until that metric exists (per step too).
         """
         if self.scheduler is None:
             return
@@ -246,18 +251,3 @@ class Model:
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Fraction of rows whose arg-max equals the target class."""
     return (outputs.argmax(dim=-1) == targets).float().mean()
-
-
-def cuda_free(min_free_bytes: int = 0) -> Callable[[Any], bool]:
-    """A start condition: a CUDA device with at least ``min_free_bytes`` free memory exists."""
-
-    def cuda_free(_session: Any) -> bool:
-        if not torch.cuda.is_available():
-            raise RuntimeError("no CUDA device is available")
-        for index in range(torch.cuda.device_count()):
-            free, _total = torch.cuda.mem_get_info(index)
-            if free >= min_free_bytes:
-                return True
-        raise RuntimeError(f"no CUDA device has {min_free_bytes} bytes free")
-
-    return cuda_free

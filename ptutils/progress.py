@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tqdm.auto import tqdm
 
-if TYPE_CHECKING:
-    from .session import Session
+from .update import SessionLike
 
 
 class Progress:
@@ -22,7 +21,7 @@ class Progress:
         self._bar: Any = None
         self._stage: str | None = None
 
-    def __call__(self, session: Session) -> Session:
+    def __call__(self, session: SessionLike) -> SessionLike:
         if self._stage != session.stage or self._bar is None:
             self.close()
             self._stage = session.stage

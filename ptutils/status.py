@@ -10,23 +10,33 @@ write returns the record, so a pause requested from another process
 (``request_pause``) is seen at the next heartbeat.
 
 If the database is unreachable, buffered events stay buffered and are written
-on the next successful heartbeat: nothing is dropped.
+on the next successful heartbeat: nothing is dropped; every failed write is
+reported to the session's :class:`~ptutils.outage.OutageClock`.
+
+This module also holds what the record *says*: its schema
+(:func:`initial_record`), the progress fields a heartbeat writes
+(:func:`progress_fields`), where a pause request from another process is read
+(:func:`pause_request`), and how a finished attempt is archived on restart
+(:func:`archive_attempt`).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .conditions import db_reachable  # noqa: F401  (imported from here before conditions.py)
 from .database import DBInterface
 from .errors import NotFoundError, StorageError
+from .outage import OutageClock
 
 log = logging.getLogger("ptutils")
 
@@ -77,10 +87,115 @@ def request_pause(db: DBInterface, session_id: str, reason: str = "requested") -
     )
 
 
+def pause_request(record: Mapping[str, Any] | None) -> str | None:
+    """The reason of a pause requested in ``record`` (by :func:`request_pause`), or None.
+
+    A running session reads it from the record its previous heartbeat returned,
+    so a request is honoured within two status intervals.
+    """
+    control = (record or {}).get("control") or {}
+    if not control.get("pause"):
+        return None
+    return control.get("reason") or "requested"
+
+
+def initial_record(
+    *,
+    name: str,
+    parent_id: str | None,
+    attempt: int,
+    stages: Sequence[str],
+    queue: str | None,
+    seed: int,
+    config: Mapping[str, Any] | None,
+    metadata: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The fields of a new session's record (``pending``); :meth:`StatusWriter.create` adds who and when."""
+    return {
+        "name": name,
+        "kind": "session",
+        "parent_id": parent_id,
+        "children": [],
+        "attempt": attempt,
+        "previous_attempt": None,
+        "history": [],
+        "state": "pending",
+        "stage": None,
+        "stages": list(stages),
+        "step": 0,
+        "epoch": 0,
+        "stage_step": 0,
+        "progress": 0.0,
+        "stage_progress": 0.0,
+        "eta_seconds": None,
+        "started": None,
+        "finished": None,
+        "outcome": None,
+        "error": None,
+        "blocked_by": None,
+        "queue": queue,
+        "queue_position": None,
+        "metrics": {},
+        "seed": seed,
+        "config": config,
+        "metadata": dict(metadata),
+        "control": {"pause": False},
+    }
+
+
+def stage_total(max_steps: int | None, max_epochs: int | None, loader_len: int | None) -> int | None:
+    """Steps a stage's budget allows (None when unbounded or the loader has no length)."""
+    totals = []
+    if max_steps is not None:
+        totals.append(max_steps)
+    if max_epochs is not None and loader_len:
+        totals.append(max_epochs * loader_len)
+    return min(totals) if totals else None
+
+
+def progress_fields(
+    position: Any,
+    *,
+    stages: Sequence[str],
+    total: int | None,
+    done: bool,
+    metrics: Mapping[str, Any],
+    last_checkpoint: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """What the record shows of a session's progress at ``position`` (a LoopPosition).
+
+    ``progress`` counts each stage as an equal share; ``done`` (complete with
+    success) shows 1.0.  Only finite numeric metrics are written.
+    """
+    stage_progress = min(1.0, position.stage_step / total) if total else 0.0
+    progress = 1.0 if done else (list(stages).index(position.stage) + stage_progress) / len(stages)
+    return {
+        "step": position.step,
+        "stage_step": position.stage_step,
+        "epoch": position.stage_epoch,
+        "batch_in_epoch": position.batch_in_epoch,
+        "stage_progress": 1.0 if done else stage_progress,
+        "progress": progress,
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+        **({"last_checkpoint": dict(last_checkpoint)} if last_checkpoint is not None else {}),
+    }
+
+
+def archive_attempt(sessions: Any, session_id: str, attempt: int, record: Mapping[str, Any]) -> dict[str, Any]:
+    """Keep a finished attempt's record as ``<id>.attempt<N>``; return its summary for the record's ``history``."""
+    archive_id = f"{session_id}.attempt{attempt}"
+    archived = {k: v for k, v in record.items() if k not in ("_id", "_version")}
+    sessions.save({**archived, "_id": archive_id, "kind": "attempt", "attempt_of": session_id})
+    summary = {k: record.get(k) for k in ("attempt", "state", "outcome", "started", "finished", "step")}
+    summary["error"] = (record.get("error") or {}).get("type") if record.get("error") else None
+    summary["record"] = archive_id
+    return summary
+
+
 class StatusWriter:
     """Writes one session's status record and event log through a DBInterface."""
 
-    def __init__(self, db: DBInterface, session_id: str, *, interval: float = 2.0):
+    def __init__(self, db: DBInterface, session_id: str, *, interval: float = 2.0, outage: OutageClock | None = None):
         self.sessions = db.collection(SESSIONS)
         self.events = db.collection(EVENTS)
         self.session_id = session_id
@@ -94,9 +209,8 @@ class StatusWriter:
         self._token = uuid.uuid4().hex[:8]
         self._rate: float | None = None
         self._last_sample: tuple[float, int] | None = None
-        self.errors = 0
-        self.last_error: str | None = None
-        self.outage_since: float | None = None
+        self.outage = outage if outage is not None else OutageClock()
+        """Where failed writes are reported (the session shares its clock with its background writer)."""
 
     # ------------------------------------------------------------------ record
     def load(self) -> dict | None:
@@ -149,7 +263,7 @@ class StatusWriter:
         except StorageError as exc:
             self._failed(exc)
             return None
-        self.outage_since = None
+        self.outage.healthy()
         return record
 
     def _eta(self, mono: float, steps_done: int, steps_total: int | None) -> float | None:
@@ -164,15 +278,8 @@ class StatusWriter:
         return max(0.0, (steps_total - steps_done) / self._rate)
 
     def _failed(self, exc: Exception) -> None:
-        self.errors += 1
-        self.last_error = f"{type(exc).__name__}: {exc}"
-        if self.outage_since is None:
-            self.outage_since = time.monotonic()
-        log.warning("status write for session %s failed (%s); will retry", self.session_id, self.last_error)
-
-    def outage_seconds(self) -> float:
-        """How long the database has been failing status writes (0 when healthy)."""
-        return 0.0 if self.outage_since is None else time.monotonic() - self.outage_since
+        self.outage.failed(exc)
+        log.warning("status write for session %s failed (%s); will retry", self.session_id, self.outage.error)
 
     # ------------------------------------------------------------------ events
     def event(self, kind: str, **data: Any) -> None:
@@ -261,13 +368,3 @@ class StatusWriter:
         # A document holds one write's events of a kind (or, as written before, one event).
         events = [e for doc in self.events.load(query) for e in doc.get("events") or [doc]]
         return sorted(events, key=lambda e: (e["time"], e["seq"]))
-
-
-def db_reachable(db: DBInterface) -> Callable[[Any], bool]:
-    """A start condition: the database answers a ping (its error becomes the blocking reason)."""
-
-    def db_reachable(_session: Any) -> bool:
-        db.ping()
-        return True
-
-    return db_reachable

@@ -17,19 +17,48 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Union
 
 if TYPE_CHECKING:
-    from .session import Session
+    import torch
 
-Update = Callable[["Session"], Union["Session", None]]
-Quantity = Union[str, Callable[["Session"], Any], None]
-Action = Union[str, Callable[["Session", Any], Any]]
+    from .model import Model
+    from .stages import Stage
+
+
+class SessionLike(Protocol):
+    """What updates, monitors and remedies use of a session (:class:`ptutils.session.Session` is one)."""
+
+    event: str
+    """``"step"`` after each step, ``"epoch"`` at the end of each epoch."""
+    model: Model
+    metrics: dict[str, float]
+    loss: torch.Tensor | None
+
+    @property
+    def stage(self) -> str: ...
+    @property
+    def stage_step(self) -> int: ...
+    @property
+    def current_stage(self) -> Stage: ...
+    @property
+    def is_running(self) -> bool: ...
+    def stage_total(self, stage: Stage) -> int | None: ...
+    def trigger(self, name: str) -> bool: ...
+    def value(self, quantity: Any) -> Any: ...
+    def log_event(self, kind: str, **data: Any) -> None: ...
+    def restore_checkpoint(self, *, with_updates: bool = False) -> dict: ...
+    def evaluate(self, request: Any, *, prefix: str = "val") -> Mapping[str, float]: ...
+
+
+Update = Callable[[SessionLike], Union[SessionLike, None]]
+Quantity = Union[str, Callable[[SessionLike], Any], None]
+Action = Union[str, Callable[[SessionLike, Any], Any]]
 
 __all__ = [
     "Monitor", "Threshold", "Plateau", "NonFinite", "Always", "Evaluate", "Remedies",
-    "every_n_steps", "compose", "gap", "lower_lr", "clip_gradients", "run_updates",
+    "every_n_steps", "compose", "gap", "lower_lr", "clip_gradients", "run_updates", "SessionLike",
 ]
 
 
@@ -104,10 +133,10 @@ class Plateau:
 
 
 # ---------------------------------------------------------------------- quantities
-def gap(smaller: str, larger: str) -> Callable[[Session], float | None]:
+def gap(smaller: str, larger: str) -> Callable[[SessionLike], float | None]:
     """The quantity ``metrics[larger] - metrics[smaller]`` (e.g. val error minus train error)."""
 
-    def quantity(session: Session) -> float | None:
+    def quantity(session: SessionLike) -> float | None:
         a, b = session.metrics.get(smaller), session.metrics.get(larger)
         return None if a is None or b is None else float(b) - float(a)
 
@@ -152,7 +181,7 @@ class Monitor:
         self.armed = True
         self.needs_grad_norm = quantity == "grad_norm"
 
-    def __call__(self, session: Session) -> Session:
+    def __call__(self, session: SessionLike) -> SessionLike:
         if session.event != self.on or not self.armed or (self.stages is not None and session.stage not in self.stages):
             return session
         self.count += 1
@@ -212,7 +241,7 @@ class Evaluate:
         self.stages = None if stages is None else frozenset(stages)
         self.count = 0
 
-    def __call__(self, session: Session) -> Session:
+    def __call__(self, session: SessionLike) -> SessionLike:
         wanted = session.current_stage.mode == "train" if self.stages is None else session.stage in self.stages
         if session.event == self.on and wanted:
             self.count += 1
@@ -228,10 +257,10 @@ class Evaluate:
 
 
 # ---------------------------------------------------------------------- remedies
-def lower_lr(factor: float = 0.1) -> Callable[[Session], str]:
+def lower_lr(factor: float = 0.1) -> Callable[[SessionLike], str]:
     """A remedy: multiply the learning rate by ``factor``."""
 
-    def remedy(session: Session) -> str:
+    def remedy(session: SessionLike) -> str:
         session.model.set_lr(session.model.lr * factor)
         return f"lower_lr(x{factor}) -> lr={session.model.lr:g}"
 
@@ -239,10 +268,10 @@ def lower_lr(factor: float = 0.1) -> Callable[[Session], str]:
     return remedy
 
 
-def clip_gradients(max_norm: float = 1.0) -> Callable[[Session], str]:
+def clip_gradients(max_norm: float = 1.0) -> Callable[[SessionLike], str]:
     """A remedy: clip the gradient norm to ``max_norm`` from now on."""
 
-    def remedy(session: Session) -> str:
+    def remedy(session: SessionLike) -> str:
         session.model.grad_clip = max_norm
         return f"clip_gradients({max_norm})"
 
@@ -260,12 +289,12 @@ class Remedies:
     list is exhausted the session fails with the quantity that kept exploding.
     """
 
-    def __init__(self, remedies: Iterable[Callable[[Session], str]], *, restore: bool = True):
+    def __init__(self, remedies: Iterable[Callable[[SessionLike], str]], *, restore: bool = True):
         self.remedies = list(remedies)
         self.restore = restore
         self.applied: list[dict[str, Any]] = []
 
-    def __call__(self, session: Session, value: Any) -> None:
+    def __call__(self, session: SessionLike, value: Any) -> None:
         if len(self.applied) >= len(self.remedies):
             done = [a["remedy"] for a in self.applied]
             raise FloatingPointError(f"still diverging ({value}) after remedies {done}")
@@ -286,7 +315,7 @@ class Remedies:
 
 
 # ---------------------------------------------------------------------- composition
-def run_updates(updates: Sequence[Update], session: Session) -> Session:
+def run_updates(updates: Sequence[Update], session: SessionLike) -> SessionLike:
     """Apply updates in order; each must return the session (or None for unchanged)."""
     for update in updates:
         result = update(session)
@@ -301,7 +330,7 @@ def run_updates(updates: Sequence[Update], session: Session) -> Session:
 def compose(*updates: Update) -> Update:
     """One update that runs ``updates`` in order."""
 
-    def composed(session: Session) -> Session:
+    def composed(session: SessionLike) -> SessionLike:
         return run_updates(updates, session)
 
     composed.__name__ = "compose(" + ", ".join(getattr(u, "__name__", type(u).__name__) for u in updates) + ")"
