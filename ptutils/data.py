@@ -1,4 +1,4 @@
-"""Data for sessions: providers, datasets, readers and resumable sampling.
+"""Data for sessions: providers, datasets, and the base of the readers they read through.
 
 A session asks its :class:`DataProvider` for a :class:`torch.utils.data.DataLoader`
 with a *request* (a dataset name, or a dict such as ``{"dataset": "train",
@@ -20,14 +20,15 @@ batches already done".  Random transforms of a :class:`Dataset` are seeded per
 batch from ``(seed, epoch, batch number)``, so augmented batches repeat exactly too.
 
 This module never imports a file-format library (h5py, zarr): readers live in
-:mod:`ptutils.readers` and are imported only when used.
+:mod:`ptutils.readers` and are imported only when used.  So does the
+:class:`ImageNet` dataset, which builds an HDF5 reader from a path
+(:mod:`ptutils.readers.imagenet`); ``ptutils.data.ImageNet`` imports it on first use.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -48,7 +49,7 @@ __all__ = [
     "DataReader",
     "Dataset",
     "DatasetProvider",
-    "ImageNet",
+    "ImageNet",  # noqa: F822  (supplied by __getattr__ below, on first use)
     "Index",
     "LoaderSettings",
     "Request",
@@ -344,109 +345,6 @@ class Dataset(torch.utils.data.Dataset):
         return [col[j] if isinstance(col, list) else _scalar(col[j]) for col in columns]
 
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ImageNet(Dataset):
-    """ImageNet-style images and labels from HDF5 (or any two-field reader).
-
-    ``source`` is an HDF5 file path (read with :class:`ptutils.readers.hdf5.HDF5Reader`,
-    imported only here) or a ready :class:`DataReader` whose fields are (images,
-    labels).  Images are uint8 arrays ``(N, C, H, W)`` or ``(N, H, W, C)``
-    (``layout="auto"`` decides from where the 1 or 3 channels are); samples are
-    ``(CHW uint8 tensor, int label)``, the input torchvision transforms v2 expect.
-    With ``split``, fields are read from ``{split}/{images_key}`` and
-    ``{split}/{labels_key}``.
-    """
-
-    def __init__(
-        self,
-        source: str | os.PathLike[str] | DataReader,
-        *,
-        split: str | None = None,
-        images_key: str = "images",
-        labels_key: str = "labels",
-        layout: str = "auto",
-        transform: Callable[[Any], Any] | None = None,
-        target_transform: Callable[[Any], Any] | None = None,
-        reader_options: Mapping[str, Any] | None = None,
-    ):
-        if isinstance(source, DataReader):
-            if split is not None:
-                raise ConfigError("split", "applies to HDF5 paths; a reader given as source has its fields already")
-            reader = source
-        else:
-            from ptutils.readers.hdf5 import HDF5Reader
-
-            prefix = f"{split}/" if split else ""
-            reader = HDF5Reader(source, keys=(prefix + images_key, prefix + labels_key), **dict(reader_options or {}))
-        super().__init__(reader, transform=transform, target_transform=target_transform)
-        self.layout = self._check(reader, layout)
-
-    @staticmethod
-    def _check(reader: DataReader, layout: str) -> str:
-        if len(reader.fields) != 2:
-            raise DataError(f"ImageNet needs (images, labels) fields, got {reader.fields}", file=reader.source)
-        shapes = reader.shapes
-        if shapes is None:
-            raise DataError("ImageNet needs a reader of fixed-shape arrays", file=reader.source)
-        images, labels = (shapes[f] for f in reader.fields)
-        if len(images) != 4:
-            raise DataError(f"images must be 4-D (N,C,H,W or N,H,W,C), got shape {images}", file=reader.source)
-        if len(labels) != 1:
-            raise DataError(f"labels must be 1-D, got shape {labels}", file=reader.source)
-        if layout == "auto":
-            if images[1] in (1, 3):
-                layout = "NCHW"
-            elif images[3] in (1, 3):
-                layout = "NHWC"
-            else:
-                raise DataError(f"cannot tell the channel axis of images of shape {images}", file=reader.source)
-        if layout not in ("NCHW", "NHWC"):
-            raise ConfigError("layout", f"expected 'auto', 'NCHW' or 'NHWC', got {layout!r}")
-        channels = images[1] if layout == "NCHW" else images[3]
-        if channels not in (1, 3):
-            raise DataError(f"{layout} images of shape {images} do not have 1 or 3 channels", file=reader.source)
-        return layout
-
-    def to_tensors(self, record: tuple[Any, ...], *, batch: bool) -> tuple[Any, ...]:
-        images, labels = super().to_tensors(record, batch=batch)
-        if self.layout == "NHWC":
-            images = images.permute(0, 3, 1, 2) if batch else images.permute(2, 0, 1)
-            if batch:
-                images = images.contiguous()
-        return images, labels
-
-    @staticmethod
-    def train_transform(size: int = 224) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The usual training augmentation (random resized crop, flip, normalise), v2."""
-        from torchvision.transforms import v2
-
-        return v2.Compose(
-            [
-                v2.RandomResizedCrop(size, antialias=True),
-                v2.RandomHorizontalFlip(),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(_IMAGENET_MEAN, _IMAGENET_STD),
-            ]
-        )
-
-    @staticmethod
-    def eval_transform(size: int = 224, resize: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The usual evaluation transform (resize, centre crop, normalise), v2."""
-        from torchvision.transforms import v2
-
-        return v2.Compose(
-            [
-                v2.Resize(resize or round(size * 256 / 224), antialias=True),
-                v2.CenterCrop(size),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(_IMAGENET_MEAN, _IMAGENET_STD),
-            ]
-        )
-
-
 # --------------------------------------------------------------------------- providers
 
 
@@ -628,3 +526,17 @@ class DatasetProvider(DataProvider):
         if isinstance(request, Mapping) and request.get("epoch") is not None:
             set_loader_position(loader, int(request["epoch"]), 0)
         return loader
+
+
+def __getattr__(name: str) -> Any:
+    """``ptutils.data.ImageNet`` imports :mod:`ptutils.readers.imagenet` on first use, so that
+    ``import ptutils.data`` imports no reader."""
+    if name == "ImageNet":
+        from ptutils.readers.imagenet import ImageNet
+
+        return ImageNet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "ImageNet"])

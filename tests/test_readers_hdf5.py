@@ -1,4 +1,4 @@
-"""HDF5Reader and the ImageNet dataset: exact values, worker safety, bad files."""
+"""HDF5Reader: exact values, worker safety, bad files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ptutils.data import Dataset, ImageNet, make_dataloader, set_loader_position
-from ptutils.errors import ConfigError, DataError
+from ptutils.errors import DataError
 from ptutils.readers import HDF5Reader
 
 from .support.datagen import write_hdf5
@@ -126,35 +126,6 @@ def test_resume_through_two_workers_repeats_the_epoch_exactly(h5) -> None:
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(epoch1[3:], rest))
 
 
-def test_imagenet_reads_nchw_and_nhwc_as_chw(tmp_path) -> None:
-    nchw, nhwc = tmp_path / "nchw.h5", tmp_path / "nhwc.h5"
-    images, labels = write_hdf5(nchw, 20, layout="NCHW")
-    images_hwc, _ = write_hdf5(nhwc, 20, layout="NHWC")
-    a, b = ImageNet(nchw), ImageNet(nhwc)
-    assert (a.layout, b.layout) == ("NCHW", "NHWC")
-    image, label = b[5]
-    assert torch.equal(image, torch.from_numpy(images_hwc[5]).permute(2, 0, 1)) and label == labels[5]
-    batch_images, _ = next(iter(make_dataloader(b, batch_size=8)))
-    assert batch_images.shape == (8, 3, 8, 8) and batch_images.is_contiguous()
-    assert torch.equal(batch_images, torch.from_numpy(images_hwc[:8]).permute(0, 3, 1, 2))
-    assert torch.equal(next(iter(make_dataloader(a, batch_size=4)))[0], torch.from_numpy(images[:4]))
-
-
-def test_imagenet_splits_and_v2_transforms(tmp_path) -> None:
-    path = tmp_path / "imagenet.h5"
-    write_hdf5(path, 30, group="train")
-    write_hdf5(tmp_path / "other.h5", 10)
-    with h5py.File(path, "a") as f, h5py.File(tmp_path / "other.h5", "r") as g:
-        g.copy("images", f, "val/images")
-        g.copy("labels", f, "val/labels")
-    train = ImageNet(path, split="train", transform=ImageNet.train_transform(size=6))
-    val = ImageNet(path, split="val", transform=ImageNet.eval_transform(size=4, resize=6))
-    assert (len(train), len(val)) == (30, 10)
-    images, labels = next(iter(make_dataloader(train, batch_size=10, shuffle=True)))
-    assert images.shape == (10, 3, 6, 6) and images.dtype == torch.float32 and labels.dtype == torch.int64
-    assert next(iter(make_dataloader(val, batch_size=10)))[0].shape == (10, 3, 4, 4)
-
-
 def test_bad_files_and_keys_name_the_file(tmp_path, h5) -> None:
     path, _, _ = h5
     missing = tmp_path / "missing.h5"
@@ -181,28 +152,6 @@ def test_bad_files_and_keys_name_the_file(tmp_path, h5) -> None:
     with pytest.raises(DataError, match="index 100") as err:
         HDF5Reader(path).read(100)
     assert err.value.index == 100
-
-
-def test_imagenet_rejects_wrong_shapes(tmp_path) -> None:
-    path = tmp_path / "bad.h5"
-    with h5py.File(path, "w") as f:
-        f.create_dataset("flat", data=np.zeros((4, 64), np.uint8))
-        f.create_dataset("five", data=np.zeros((4, 5, 8, 8), np.uint8))
-        f.create_dataset("labels", data=np.zeros(4, np.int64))
-        f.create_dataset("labels2d", data=np.zeros((4, 2), np.int64))
-        f.create_dataset("images", data=np.zeros((4, 3, 8, 8), np.uint8))
-    with pytest.raises(DataError, match="must be 4-D"):
-        ImageNet(path, images_key="flat")
-    with pytest.raises(DataError, match="channel axis"):
-        ImageNet(path, images_key="five")
-    with pytest.raises(DataError, match="labels must be 1-D"):
-        ImageNet(path, labels_key="labels2d")
-    with pytest.raises(DataError, match="do not have 1 or 3 channels"):
-        ImageNet(path, layout="NHWC")
-    with pytest.raises(ConfigError, match="layout"):
-        ImageNet(path, layout="CHWN")
-    with pytest.raises(ConfigError, match="split"):
-        ImageNet(HDF5Reader(path), split="train")
 
 
 def test_corrupt_chunk_names_the_record(tmp_path) -> None:
