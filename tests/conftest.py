@@ -58,6 +58,12 @@ def db_url(backend: str, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture
+def url(tmp_path) -> str:
+    """A ``file://`` URL of an empty directory: the filesystem backend a session test runs on."""
+    return tmp_path.as_uri()
+
+
+@pytest.fixture
 def db(db_url: str):
     """A DBInterface on a collection of its own (tests never see each other's data)."""
     interface = open_db(db_url, collection=f"t_{uuid.uuid4().hex[:12]}")

@@ -5,72 +5,16 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
-import torch
-
 from ptutils import open_db
-from ptutils.model import cuda_free
-from ptutils.status import EVENTS, StatusWriter, db_reachable, describe, is_stale, request_pause
+from ptutils.status import (
+    EVENTS,
+    StatusWriter,
+    describe,
+    is_stale,
+    request_pause,
+)
 
 from .support.sessionkit import session
-
-
-@pytest.fixture
-def url(tmp_path):
-    return tmp_path.as_uri()
-
-
-def test_pending_session_records_what_blocks_it(url):
-    s = session(url, start_conditions=[cuda_free(1)])
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA device is present: nothing blocks this session")
-    assert s.start() is False
-    record = s.record
-    assert record["state"] == "pending"
-    assert record["blocked_by"] == "RuntimeError: no CUDA device is available"
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_free_lets_a_session_start_or_names_the_memory_it_lacks(url, tmp_path):
-    assert session(url, start_conditions=[cuda_free(1)]).start() is True
-    too_much = 1 << 60
-    blocked = session((tmp_path / "blocked").as_uri(), start_conditions=[cuda_free(too_much)])
-    assert blocked.start() is False
-    assert blocked.record["blocked_by"] == f"RuntimeError: no CUDA device has {too_much} bytes free"
-
-
-def test_unreachable_database_blocks_start(url, tmp_path):
-    missing = tmp_path / "not-a-dir"
-    missing.write_text("a file where a database directory should be")
-    other = open_db(missing.as_uri())
-    s = session(url, start_conditions=[db_reachable(other)])
-    assert s.start() is False
-    assert "BackendUnavailableError" in s.record["blocked_by"] and "not-a-dir" in s.record["blocked_by"]
-
-
-def test_queue_positions_and_the_queue_advancing(url):
-    sessions = [session(url, name=f"q{i}", queue="gpu0") for i in range(3)]
-    other_queue = session(url, name="elsewhere", queue="gpu1")
-    assert [s.queue_position() for s in sessions] == [1, 2, 3]
-    assert other_queue.queue_position() == 1
-    assert sessions[2].start() is False
-    record = sessions[2].record
-    assert record["queue_position"] == 3 and "behind 2 session(s)" in record["blocked_by"]
-    assert sessions[0].start() is True
-    assert sessions[0].record["queue_position"] is None and sessions[0].record["blocked_by"] is None
-    assert [s.queue_position() for s in sessions[1:]] == [1, 2]
-    assert sessions[1].start() is True and sessions[2].queue_position() == 1
-
-
-def test_wait_to_start_gives_up_after_timeout(url):
-    first = session(url, name="first", queue="q")
-    second = session(url, name="second", queue="q")
-    t0 = time.monotonic()
-    assert second.wait_to_start(poll=0.05, timeout=0.3) is False
-    assert time.monotonic() - t0 < 5
-    first.start()
-    assert second.wait_to_start(poll=0.05, timeout=5) is True and second.state == "running"
 
 
 def test_running_record_shows_stage_progress_and_eta(url):

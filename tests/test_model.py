@@ -1,0 +1,55 @@
+"""Model: its state round trip, optimizer state on load, and the LR scheduler's policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ptutils.checkpoint import deserialize, serialize
+
+from .support.sessionkit import model, same_weights, session
+
+
+def test_a_model_loaded_from_a_checkpoint_owns_its_optimizer_state():
+    trained = model(seed=1)
+    trained.train_step((torch.randn(4, 8), torch.tensor([0, 1, 0, 1])))  # momentum buffers now exist
+    state = deserialize(serialize(trained.state_dict()))  # its tensors share the checkpoint's one buffer
+    first, second = model(seed=2), model(seed=3)
+    first.load_state_dict(state)
+    second.load_state_dict(state)
+    loaded = [list(m.optimizer.state.values())[0]["momentum_buffer"] for m in (first, second)]
+    saved = list(state["optimizer"]["state"].values())[0]["momentum_buffer"]
+    assert all(torch.equal(b, saved) for b in loaded)
+    loaded[0].add_(1.0)  # the first optimizer's next step
+    assert torch.equal(loaded[1], saved) and not torch.equal(loaded[0], saved)
+
+
+def test_model_state_dict_round_trip():
+    a, b = model(seed=1), model(seed=2)
+    b.load_state_dict(a.state_dict())
+    assert same_weights({k: v for k, v in a.module.state_dict().items()}, b.module.state_dict())
+
+
+def test_scheduler_steps_every_epoch_by_default(url):
+    m = model()
+    m.set_scheduler({"cls": "torch.optim.lr_scheduler.StepLR", "step_size": 1, "gamma": 0.5})
+    s = session(url, model=m).run()
+    assert s.model.lr == pytest.approx(0.1 * 0.5**3)
+
+
+def test_scheduler_can_step_every_step_or_on_a_metric(url, tmp_path):
+    from ptutils.model import Model
+
+    base = model()
+    per_step = Model(base.module, base.criterion, {"cls": "torch.optim.SGD", "lr": 0.1},
+                     {"cls": "torch.optim.lr_scheduler.StepLR", "step_size": 1, "gamma": 0.9},
+                     device="cpu", scheduler_interval="step")
+    s = session(url, model=per_step, stages=[{"name": "train", "data": "train", "max_steps": 4}]).run()
+    assert s.model.lr == pytest.approx(0.1 * 0.9**4)
+    on_metric = Model(model().module, base.criterion, {"cls": "torch.optim.SGD", "lr": 0.1},
+                      {"cls": "torch.optim.lr_scheduler.ReduceLROnPlateau", "patience": 0, "factor": 0.5},
+                      device="cpu", scheduler_metric="val_loss")
+    from ptutils.update import Evaluate
+
+    s = session((tmp_path / "b").as_uri(), model=on_metric, updates=[Evaluate("val")]).run()
+    assert s.model.lr <= 0.1  # stepped with val_loss once it existed, never without it
