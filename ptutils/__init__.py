@@ -1,8 +1,16 @@
 """ptutils: PyTorch experiments as explicit state machines with pluggable storage."""
 
+from .config import Config
+from .data import DataProvider, DatasetProvider
 from .database import DBInterface, open_db
 from .errors import PtutilsError
+from .model import Model
+from .session import Session
+from .update import Monitor
 
 __version__ = "0.1.0"
 
-__all__ = ["DBInterface", "PtutilsError", "open_db", "__version__"]
+__all__ = [
+    "Config", "DBInterface", "DataProvider", "DatasetProvider", "Model", "Monitor", "PtutilsError", "Session",
+    "open_db", "__version__",
+]
