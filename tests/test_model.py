@@ -53,3 +53,32 @@ def test_scheduler_can_step_every_step_or_on_a_metric(url, tmp_path):
 
     s = session((tmp_path / "b").as_uri(), model=on_metric, updates=[Evaluate("val")]).run()
     assert s.model.lr <= 0.1  # stepped with val_loss once it existed, never without it
+
+
+def test_a_per_step_scheduler_on_a_metric_waits_for_it_then_steps_with_it():
+    from ptutils.model import Model
+
+    base = model()
+    m = Model(base.module, base.criterion, {"cls": "torch.optim.SGD", "lr": 0.1},
+              {"cls": "torch.optim.lr_scheduler.ReduceLROnPlateau", "patience": 0, "factor": 0.5},
+              device="cpu", scheduler_interval="step", scheduler_metric="val_loss")
+    assert m.steps_scheduler_every("step") and not m.steps_scheduler_every("epoch")
+    m.step_scheduler({})  # no val_loss yet: ReduceLROnPlateau is not stepped without its value
+    assert m.lr == pytest.approx(0.1)
+    for _ in range(3):
+        m.step_scheduler({"val_loss": 1.0})  # no improvement after the first: halved twice
+    assert m.lr == pytest.approx(0.025)
+
+
+def test_a_session_steps_a_per_step_metric_scheduler_once_the_metric_exists(url):
+    from ptutils.model import Model
+    from ptutils.update import Evaluate
+
+    base = model()
+    m = Model(base.module, base.criterion, {"cls": "torch.optim.SGD", "lr": 0.1},
+              {"cls": "torch.optim.lr_scheduler.ReduceLROnPlateau", "patience": 0, "factor": 0.5},
+              device="cpu", scheduler_interval="step", scheduler_metric="val_loss")
+    s = session(url, model=m, updates=[Evaluate("val")],
+                stages=[{"name": "train", "data": "train", "max_epochs": 2}]).run()
+    assert s.state == "complete"
+    assert s.model.lr < 0.1  # every step of epoch 2 saw the same val_loss: a plateau
