@@ -30,8 +30,6 @@ from typing import Any
 
 import torch
 
-from . import position as resume
-from . import status as status_mod
 from .checkpoint import CheckpointStore, deserialize, seed_everything, serialize, serialize_parts
 from .config import Config, build
 from .data import DataProvider
@@ -40,9 +38,9 @@ from .errors import BackendUnavailableError, CheckpointError, ConfigError, Sessi
 from .lifecycle import Admission, Lifecycle, StateChange, take_over
 from .model import Model
 from .outage import OutageClock, retry_through_outage
-from .position import LoopPosition
+from .position import LoopPosition, capture, restore, resume_from, stages_to_replay
 from .stages import LIFECYCLE, SEP, STAGE_DONE, Stage, StageTransition, parse_transitions
-from .status import StatusWriter
+from .status import StatusWriter, archive_attempt, initial_record, pause_request, progress_fields, steps_allowed
 from .update import Update
 from .writer import BackgroundWriter
 
@@ -175,7 +173,7 @@ class Session:
                 if t.trigger == STAGE_DONE:
                     self._stage_done[src].append(t)
         if record is None:
-            self._status.create(status_mod.initial_record(
+            self._status.create(initial_record(
                 name=self.name, parent_id=parent.id if parent is not None else None, attempt=self.attempt,
                 stages=list(self.stages), queue=queue, seed=self.seed,
                 config=self.config.to_dict() if self.config is not None else None, metadata=self.metadata,
@@ -487,7 +485,7 @@ class Session:
 
     def _end_attempt(self, change: StateChange) -> None:
         """A restart: archive this attempt's record, reset the model to its initial checkpoint, count on."""
-        summary = status_mod.archive_attempt(self._status.sessions, self.id, self.attempt, self.record)
+        summary = archive_attempt(self._status.sessions, self.id, self.attempt, self.record)
         found = self.checkpoints.load_latest(attempt=self.attempt, reason="initial")
         if found is not None:
             state, _ = found
@@ -552,7 +550,7 @@ class Session:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: model, RNG, loop position, update states."""
-        return resume.capture(self.model, self.position, self.metrics, self.updates)
+        return capture(self.model, self.position, self.metrics, self.updates)
 
     def save_checkpoint(self, reason: str = "periodic", pinned: bool = False, *, background: bool = False) -> Any:
         """Checkpoint now: the state is captured at once, then written (blob first, then its record).
@@ -597,7 +595,7 @@ class Session:
         self._writer.drain(raise_errors=raise_errors)
 
     def _load_state(self, state: Mapping[str, Any], *, with_updates: bool) -> None:
-        self.metrics = resume.restore(state, self.model, self.position, self.updates, with_updates=with_updates)
+        self.metrics = restore(state, self.model, self.position, self.updates, with_updates=with_updates)
         self._loader = None
         self.loss = None  # observations of the abandoned steps must not reach later updates
         self._course_changed = True
@@ -619,9 +617,9 @@ class Session:
 
     def _restore_for_resume(self) -> None:
         """Exact resume (see :mod:`ptutils.position`): the checkpoint, the stage setups, the state."""
-        state, record = resume.resume_from(self.checkpoints, self.attempt, self.id)
+        state, record = resume_from(self.checkpoints, self.attempt, self.id)
         history = [h["stage"] for h in self.record.get("stage_history") or []]
-        for stage in resume.stages_to_replay(history, record["stage"]):
+        for stage in stages_to_replay(history, record["stage"]):
             if stage in self.stages:
                 self._setup_stage(stage)
         self._load_state(state, with_updates=True)
@@ -828,14 +826,14 @@ class Session:
     # ------------------------------------------------------------------ status
     def _progress_fields(self) -> dict[str, Any]:
         done = self.state == "complete" and self.outcome == "success"
-        return status_mod.progress_fields(
+        return progress_fields(
             self.position, stages=list(self.stages), total=self.stage_total(self.current_stage), done=done,
             metrics=self.metrics, last_checkpoint=self._checkpointed,
         )
 
     def stage_total(self, stage: Stage) -> int | None:
         """Steps the stage's budget allows (None when unbounded or the loader has no length)."""
-        return status_mod.stage_total(stage.max_steps, stage.max_epochs, self._loader_len)
+        return steps_allowed(stage.max_steps, stage.max_epochs, self._loader_len)
 
     def _heartbeat(self) -> None:
         """Queue a progress write; act on the record the previous one read (a long outage, a pause request)."""
@@ -855,7 +853,7 @@ class Session:
                 self.pause(reason=overdue)
             if not self.is_running:
                 return
-            requested = status_mod.pause_request(record)
+            requested = pause_request(record)
             if requested is not None:
                 self.pause(reason=requested)
                 return

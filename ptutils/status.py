@@ -143,7 +143,7 @@ def initial_record(
     }
 
 
-def stage_total(max_steps: int | None, max_epochs: int | None, loader_len: int | None) -> int | None:
+def steps_allowed(max_steps: int | None, max_epochs: int | None, loader_len: int | None) -> int | None:
     """Steps a stage's budget allows (None when unbounded or the loader has no length)."""
     totals = []
     if max_steps is not None:
