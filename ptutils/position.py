@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointStore, rng_state, set_rng_state
-from .data import set_loader_position
+from .sampling import set_loader_position
 from .errors import CheckpointError
 from .model import Model
 
