@@ -40,6 +40,8 @@ from .batches import Collated, _collate_column, collate
 from .errors import ConfigError, DataError
 from .sampling import BatchIndices, ResumableBatchSampler, ResumableSampler, _mix, set_loader_position
 
+# With the public names of ptutils.sampling and ptutils.batches and the ImageNet of
+# ptutils.readers.imagenet, which were defined here once and still import from here.
 __all__ = [
     "ArrayReader",
     "BatchIndices",
