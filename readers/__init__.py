@@ -1,4 +1,4 @@
-"""DataReaders for ptutils: HDF5, Zarr and image folders.
+"""DataReaders for ptutils: HDF5, Zarr and image folders, and the ImageNet dataset over HDF5.
 
 Each reader lives in its own module and imports its file-format library (h5py,
 zarr, torchvision.io) only when that module is imported; ``from ptutils.readers
@@ -10,9 +10,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["HDF5Reader", "ImageFolderReader", "ZarrReader"]
+__all__ = ["HDF5Reader", "ImageFolderReader", "ImageNet", "ZarrReader"]
 
-_MODULES = {"HDF5Reader": "hdf5", "ZarrReader": "zarr", "ImageFolderReader": "image_folder"}
+_MODULES = {"HDF5Reader": "hdf5", "ZarrReader": "zarr", "ImageFolderReader": "image_folder", "ImageNet": "imagenet"}
 
 
 def __getattr__(name: str) -> Any:
