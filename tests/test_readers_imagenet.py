@@ -89,6 +89,8 @@ def test_ptutils_data_imagenet_is_this_class_and_loads_no_reader_until_asked() -
         star = {}
         exec("from ptutils.data import *", star)
         assert data.ImageNet is ImageNet and star["ImageNet"] is ImageNet and "ImageNet" in dir(data)
+        import ptutils.readers as readers
+        assert readers.ImageNet is ImageNet and "ImageNet" in readers.__all__
         assert "h5py" not in sys.modules  # ImageNet imports its HDF5 reader only to open a path
         assert not hasattr(data, "ImageNette")
         """
