@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,19 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
 
 
+def block(marker: str) -> str:
+    """The one README Python block that contains ``marker``."""
+    found = [b for b in BLOCKS if marker in b]
+    assert len(found) == 1, f"{len(found)} README blocks contain {marker!r}"
+    return found[0]
+
+
+QUICKSTART = block("session.run()")
+STORAGE = block('open_db("mongodb://')
+DATA = block("HDF5Reader(")
+SUITE = block("BackendSuite")
+
+
 def run_block(code: str) -> dict:
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
@@ -19,7 +34,7 @@ def run_block(code: str) -> dict:
 
 
 def test_quickstart_runs_and_moves_through_both_stages(tmp_path):
-    code = BLOCKS[0].replace("file:///tmp/ptutils-runs", tmp_path.as_uri())
+    code = QUICKSTART.replace("file:///tmp/ptutils-runs", tmp_path.as_uri())
     ns = run_block(code)
     session = ns["session"]
     assert session.state == "complete"
@@ -28,14 +43,14 @@ def test_quickstart_runs_and_moves_through_both_stages(tmp_path):
 
 
 def test_storage_example_round_trips(db_url):
-    code = BLOCKS[1].replace('"mongodb://127.0.0.1:27017/experiments/results"', repr(db_url))
+    code = STORAGE.replace('"mongodb://127.0.0.1:27017/experiments/results"', repr(db_url))
     ns = run_block(code)
     db = ns["db"]
     assert db.count() == 0  # the example deletes what it saved
 
 
 def test_storage_example_values(tmp_path):
-    code = BLOCKS[1].replace('"mongodb://127.0.0.1:27017/experiments/results"', repr(tmp_path.as_uri()))
+    code = STORAGE.replace('"mongodb://127.0.0.1:27017/experiments/results"', repr(tmp_path.as_uri()))
     code = code.replace("db.delete(doc_id)", "").replace('db.delete({"name": "sweep"})', "")
     ns = run_block(code)
     doc = ns["db"].load_from_id(ns["doc_id"])
@@ -45,7 +60,20 @@ def test_storage_example_values(tmp_path):
 
 
 def test_data_example_reads_batches_from_hdf5(tmp_path):
-    code = BLOCKS[2].replace("/tmp/ptutils-data.h5", str(tmp_path / "data.h5"))
+    code = DATA.replace("/tmp/ptutils-data.h5", str(tmp_path / "data.h5"))
     ns = run_block(code)
     assert ns["images"].dtype == torch.uint8 and tuple(ns["images"].shape) == (256, 3, 32, 32)
     assert ns["labels"].dtype == torch.int64 and tuple(ns["labels"].shape) == (256,)
+
+
+def test_the_conformance_suite_example_runs_the_shipped_suite(tmp_path):
+    # The README's test module, pointed at SQLite instead of the imaginary vault:// backend.
+    module = tmp_path / "test_readme_backend.py"
+    module.write_text(SUITE.replace('"vault://127.0.0.1/test"', repr(f"sqlite:///{tmp_path / 'suite.db'}")))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "round_trip or query", str(module)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    passed = re.search(r"(\d+) passed", result.stdout)
+    assert passed and int(passed.group(1)) >= 10 and "failed" not in result.stdout
