@@ -22,7 +22,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ptutils import open_db
-from ptutils.backends import sql as sql_backend_module
 from ptutils.backends.sql import (
     BLOB_CHUNK,
     INDEXED_FIELDS,
@@ -31,6 +30,7 @@ from ptutils.backends.sql import (
     _unescape_text,
     escape_text,
 )
+from ptutils.backends.sql import dialect as sql_dialect_module
 from ptutils.errors import (
     BackendUnavailableError,
     CodecError,
@@ -406,7 +406,7 @@ def test_killed_idle_connections_are_replaced_by_pre_ping(
 ) -> None:
     db = sdb
     _save_then_kill_its_pooled_connection(db)
-    monkeypatch.setattr(sql_backend_module, "PING_AFTER_IDLE_S", 0.0)  # the connection counts as idle
+    monkeypatch.setattr(sql_dialect_module, "PING_AFTER_IDLE_S", 0.0)  # the connection counts as idle
     with caplog.at_level(logging.WARNING, logger="ptutils"):
         assert db.load_from_id("a")["n"] == 1
     assert not any("transient failure" in r.getMessage() for r in caplog.records), caplog.text  # the ping caught it
@@ -416,7 +416,7 @@ def test_killed_idle_connections_are_replaced_by_pre_ping(
 def test_killed_busy_connections_are_retried_without_a_ping(sdb: SQLInterface, monkeypatch: pytest.MonkeyPatch) -> None:
     db = sdb
     _save_then_kill_its_pooled_connection(db)
-    monkeypatch.setattr(sql_backend_module, "PING_AFTER_IDLE_S", 3600.0)  # just used: no ping
+    monkeypatch.setattr(sql_dialect_module, "PING_AFTER_IDLE_S", 3600.0)  # just used: no ping
     assert db.load({"n": 1})[0]["_id"] == "a"
     db.save({"_id": "b", "n": 2})
     assert db.count() == 2

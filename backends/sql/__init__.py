@@ -50,26 +50,14 @@ and is reported as BackendUnavailableError saying so.
 
 from __future__ import annotations
 
-import abc
-import decimal
-import functools
-import json
 import logging
 import math
-import os
-import re
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import mysql as mysql_types
-from sqlalchemy.dialects import postgresql as pg_types
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.pool import StaticPool
 
 from ptutils.codec import Untagged, untagged_json
 from ptutils.database import DEFAULT_COLLECTION, DBInterface
@@ -83,7 +71,6 @@ from ptutils.errors import (
     StorageError,
 )
 from ptutils.query import (
-    COMPARE,
     And,
     Compare,
     Exists,
@@ -94,6 +81,14 @@ from ptutils.query import (
     apply_update,
     project,
 )
+
+from .dialect import PING_AFTER_IDLE_S, Dialect
+from .fields import Constant, Field, VersionField, compare
+from .mysql import MySQL, mysql_key
+from .postgresql import PostgreSQL
+from .sqlite import SQLite
+from .text import escape_text
+from .text import unescape_text as _unescape_text  # noqa: F401  (imported from here by tests/test_sql.py)
 
 log = logging.getLogger("ptutils")
 
@@ -106,12 +101,23 @@ BLOB_CHUNK = 4 * 1024 * 1024
 DOCS_TABLE, BLOBS_TABLE, META_TABLE = "ptutils_documents", "ptutils_blobs", "ptutils_meta"
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-_TWO_53 = 2**53
 _IN_BATCH = 500
-PING_AFTER_IDLE_S = 1.0
-"""A pooled server connection idle for longer than this is pinged at checkout (one in use is known alive)."""
-_PG_SCHEMA_LOCK = 0x70747574696C73  # "ptutils": the advisory lock held while creating the tables
 _T = TypeVar("_T")
+
+__all__ = [
+    "BLOBS_TABLE",
+    "BLOB_CHUNK",
+    "DOCS_TABLE",
+    "INDEXED_FIELDS",
+    "INDEXED_MAX_CHARS",
+    "META_TABLE",
+    "PING_AFTER_IDLE_S",
+    "SCHEMA_VERSION",
+    "SQLInterface",
+    "escape_text",
+    "mysql_key",
+    "normalise_url",
+]
 
 
 # --------------------------------------------------------------------------- numbers
@@ -146,463 +152,6 @@ def _float_plan(op: str, value: float) -> bool | tuple[str, float]:
     return ("$gte", high) if op in ("$gt", "$gte") else ("$lte", low)
 
 
-def _compare(expr: Any, op: str, value: Any) -> sa.ColumnElement[bool]:
-    return COMPARE[op](expr, value)
-
-
-# --------------------------------------------------------------------------- JSON text
-_PG_CARE = re.compile(r"[0-9][eE]|-0\.0|\\u000[01]")
-_SQLITE_CARE = re.compile(r"\\u000[01]")
-_MYSQL_CARE = re.compile(r'[0-9][eE]|"[-~]')
-_ESCAPED = re.compile("\x01([\x01\x02])")
-
-
-def escape_text(value: str) -> str:
-    """A string as stored on SQLite and PostgreSQL: U+0000 -> U+0001 U+0001, U+0001 -> U+0001 U+0002.
-
-    SQLite's JSON functions end a string at U+0000 and PostgreSQL cannot hold it
-    at all.  This code is injective and keeps code point order (U+0001 starts
-    both two-character codes, every other character stands for itself, and no
-    code is a prefix of another), so comparing escaped strings is comparing the
-    originals; query values are escaped the same way and reads undo it.
-    """
-    if "\x00" not in value and "\x01" not in value:
-        return value
-    return value.replace("\x01", "\x01\x02").replace("\x00", "\x01\x01")
-
-
-def _unescape_text(value: str) -> str:
-    return _ESCAPED.sub(lambda m: "\x00" if m.group(1) == "\x01" else "\x01", value)
-
-
-def _unescape_values(value: Any) -> Any:
-    if isinstance(value, str):
-        return _unescape_text(value) if "\x01" in value else value
-    if isinstance(value, dict):
-        return {k: _unescape_values(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_unescape_values(v) for v in value]
-    return value
-
-
-def mysql_key(key: str) -> str:
-    """How a key is stored on MariaDB/MySQL: their JSON paths cannot address keys starting with '-'.
-
-    Such keys (and, to keep the mapping reversible, keys starting with '~') get a
-    '~' prefix in the stored JSON and in query paths; reads strip it again.
-    """
-    return "~" + key if key[:1] in ("-", "~") else key
-
-
-def _unmap_mysql_keys(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {(k[1:] if k[:1] == "~" else k): _unmap_mysql_keys(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_unmap_mysql_keys(v) for v in value]
-    return value
-
-
-def _positional(value: float) -> str:
-    """A float as decimal digits with a point (PostgreSQL's numeric drops exponents and so float-ness)."""
-    text = repr(value)
-    if "e" not in text and "E" not in text:
-        return text
-    text = format(decimal.Decimal(text), "f")
-    return text if "." in text else text + ".0"
-
-
-def _with_point(value: float) -> str:
-    """A float's repr that always has a decimal point (``1e+16`` -> ``1.0e+16``)."""
-    text = repr(value)
-    return text if "." in text else text.replace("e", ".0e", 1)
-
-
-def _dump_slow(value: Any, style: str, fixups: list, path: list) -> str:
-    if isinstance(value, dict):
-        return (
-            "{"
-            + ",".join(
-                json.dumps(mysql_key(k) if style == "mysql" else k, ensure_ascii=False)
-                + ":"
-                + _dump_slow(v, style, fixups, path + [k])
-                for k, v in value.items()
-            )
-            + "}"
-        )
-    if isinstance(value, list):
-        return "[" + ",".join(_dump_slow(v, style, fixups, path + [i]) for i, v in enumerate(value)) + "]"
-    if isinstance(value, float):
-        if style == "postgresql":
-            if value == 0 and math.copysign(1.0, value) < 0:
-                fixups.append([path, value])
-            return _positional(value)
-        return _with_point(value) if style == "mysql" else repr(value)
-    if isinstance(value, str) and style != "mysql":
-        value = escape_text(value)
-    return json.dumps(value, ensure_ascii=False)
-
-
-def _dump_body(body: dict, style: str) -> tuple[str, str | None]:
-    """JSON text of a stored body for a dialect, and the PostgreSQL fixups (or None)."""
-    try:
-        text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise StorageError(f"document is not plain JSON after encoding: {exc}") from exc
-    care = {"postgresql": _PG_CARE, "mysql": _MYSQL_CARE}.get(style, _SQLITE_CARE)
-    if not care.search(text):
-        return text, None
-    fixups: list = []
-    text = _dump_slow(body, style, fixups, [])
-    return text, (json.dumps(fixups) if fixups else None)
-
-
-def _load_body(text: Any, fixups: str | None, style: str) -> dict:
-    body = json.loads(text)
-    if style == "mysql" and '"~' in text:
-        body = _unmap_mysql_keys(body)
-    elif style != "mysql" and "\\u0001" in text:
-        body = _unescape_values(body)
-    if fixups:
-        for path, value in json.loads(fixups):
-            cur = body
-            for part in path[:-1]:
-                cur = cur[part]
-            cur[path[-1]] = value
-    return body
-
-
-# --------------------------------------------------------------------------- fields
-class _Field(abc.ABC):
-    """SQL expressions for the value at one path of a document.
-
-    Every predicate is two-valued (never SQL NULL), so NOT works; the value
-    expressions are only meaningful (and only evaluated, through CASE guards
-    where a cast could fail) under their kind's predicate.
-    """
-
-    @abc.abstractmethod
-    def is_missing(self) -> sa.ColumnElement[bool]:
-        """The path does not resolve (absent key, or a prefix that is not an object)."""
-
-    @abc.abstractmethod
-    def is_null(self) -> sa.ColumnElement[bool]:
-        """The value is JSON null."""
-
-    @abc.abstractmethod
-    def is_int(self) -> sa.ColumnElement[bool]:
-        """The value is a number stored as an integer."""
-
-    @abc.abstractmethod
-    def is_float(self) -> sa.ColumnElement[bool]:
-        """The value is a number stored as a double."""
-
-    @abc.abstractmethod
-    def is_string(self) -> sa.ColumnElement[bool]:
-        """The value is a string."""
-
-    @abc.abstractmethod
-    def is_bool(self, value: bool) -> sa.ColumnElement[bool]:
-        """The value is the boolean ``value``."""
-
-    @abc.abstractmethod
-    def int_value(self) -> Any:
-        """The integer (exact) where :meth:`is_int` holds."""
-
-    @abc.abstractmethod
-    def float_value(self) -> Any:
-        """The double where :meth:`is_float` holds."""
-
-    @abc.abstractmethod
-    def str_compare(self, op: str, value: str) -> sa.ColumnElement[bool]:
-        """The value is a string and compares to ``value`` in code point order."""
-
-    @abc.abstractmethod
-    def sort_keys(self) -> list[Any]:
-        """ORDER BY keys giving the ptutils order (kind rank first)."""
-
-
-class _Constant(_Field):
-    """A path that is missing in every document (e.g. ``_id.x``)."""
-
-    def is_missing(self):
-        return sa.true()
-
-    def is_null(self):
-        return sa.false()
-
-    is_int = is_float = is_string = is_null
-
-    def is_bool(self, value):
-        return sa.false()
-
-    def int_value(self):
-        return sa.null()
-
-    float_value = int_value
-
-    def str_compare(self, op, value):
-        return sa.false()
-
-    def sort_keys(self):
-        return []
-
-
-class _IdField(_Constant):
-    """``_id``: the id column, always an ASCII string (binary collation on every dialect)."""
-
-    def __init__(self, column: Any, style: str):
-        self.column, self.style = column, style
-
-    def is_missing(self):
-        return sa.false()
-
-    def is_string(self):
-        return sa.true()
-
-    def str_compare(self, op, value):
-        if self.style == "mysql" and not value.isascii():
-            # The column is ASCII: MariaDB refuses to compare it with other text unless converted.
-            column = sa.collate(sa.cast(self.column, mysql_types.CHAR(128, charset="utf8mb4")), _MySQLField.COLLATION)
-            return _compare(column, op, value)
-        return _compare(self.column, op, value if self.style == "mysql" else escape_text(value))
-
-    def sort_keys(self):
-        return [self.column]
-
-
-class _VersionField(_Constant):
-    """``_version``: the version column, always an integer."""
-
-    def __init__(self, column: Any):
-        self.column = column
-
-    def is_missing(self):
-        return sa.false()
-
-    def is_int(self):
-        return sa.true()
-
-    def int_value(self):
-        return self.column
-
-    def sort_keys(self):
-        return [self.column]
-
-
-def _rank(kinds: list[tuple[sa.ColumnElement[bool], int]]) -> Any:
-    return sa.case(*kinds, else_=5)
-
-
-class _SQLiteField(_Field):
-    """SQLite: ``json_type``/``json_extract`` on the body text.
-
-    Path segments made of characters JSON never escapes are addressed as
-    ``$."seg"``; others (quotes, backslashes, control characters) go through a
-    ``json_each`` lookup on the parent object, since SQLite versions differ in
-    how they match escaped keys in a path.
-    """
-
-    def __init__(self, body: Any, path: Path):
-        src, jpath = body, "$"
-        for seg in path:
-            if '"' in seg or "\\" in seg or any(ord(c) < 0x20 for c in seg):
-                each = sa.func.json_each(src, jpath).table_valued("key", "type", "value")
-                child = sa.case(
-                    (each.c.type.in_(("object", "array")), each.c.value),
-                    (each.c.type.in_(("true", "false", "null")), each.c.type),
-                    else_=sa.func.json_quote(each.c.value),
-                )
-                src, jpath = sa.select(child).where(each.c.key == seg).scalar_subquery(), "$"
-            else:
-                jpath += f'."{seg}"'
-        self.kind = sa.func.coalesce(sa.func.json_type(src, jpath), "missing")
-        self.value = sa.func.json_extract(src, jpath)
-
-    def is_missing(self):
-        return self.kind == "missing"
-
-    def is_null(self):
-        return self.kind == "null"
-
-    def is_int(self):
-        return self.kind == "integer"
-
-    def is_float(self):
-        return self.kind == "real"
-
-    def is_string(self):
-        return self.kind == "text"
-
-    def is_bool(self, value):
-        return self.kind == ("true" if value else "false")
-
-    def int_value(self):
-        return self.value
-
-    def float_value(self):
-        return self.value
-
-    def str_compare(self, op, value):
-        return sa.and_(self.is_string(), _compare(self.value, op, escape_text(value)))
-
-    def sort_keys(self):
-        rank = _rank(
-            [
-                (self.kind == "missing", 0),
-                (self.kind == "null", 1),
-                (self.kind.in_(("integer", "real")), 2),
-                (self.kind == "text", 3),
-                (self.kind.in_(("true", "false")), 4),
-            ]
-        )
-        scalar = sa.case((self.kind.in_(("integer", "real", "text", "true", "false")), self.value))
-        return [rank, scalar]
-
-
-_PG_INDEX_LIKE = re.compile(r"\s*[+-]?[0-9]+")
-
-
-class _PostgresField(_Field):
-    """PostgreSQL: ``body #> path`` (path bound as ``text[]``) and ``jsonb_typeof``.
-
-    ``#>`` would index into an array with an integer-like segment, so each such
-    segment is guarded by the parent being an object.
-    """
-
-    def __init__(self, body: Any, path: Path):
-        arr = pg_types.ARRAY(sa.Text)
-        guards = [
-            sa.func.jsonb_typeof(
-                body.op("#>", return_type=pg_types.JSONB)(sa.bindparam(None, list(path[:i]), type_=arr))
-            )
-            == "object"
-            for i in range(1, len(path))
-            if _PG_INDEX_LIKE.fullmatch(path[i])
-        ]
-        param = sa.bindparam(None, list(path), type_=arr)
-        value = body.op("#>", return_type=pg_types.JSONB)(param)
-        text = body.op("#>>", return_type=sa.Text)(param)
-        if guards:
-            value = sa.case((sa.and_(*guards), value))
-            text = sa.case((sa.and_(*guards), text))
-        self.value, self.text = value, text
-        self.kind = sa.func.coalesce(sa.func.jsonb_typeof(value), "missing")
-        self.number = sa.case((self.kind == "number", sa.cast(value, sa.Numeric)))
-
-    def is_missing(self):
-        return self.kind == "missing"
-
-    def is_null(self):
-        return self.kind == "null"
-
-    def is_int(self):
-        return sa.and_(self.kind == "number", sa.func.scale(self.number) == 0)
-
-    def is_float(self):
-        return sa.and_(self.kind == "number", sa.func.scale(self.number) > 0)
-
-    def is_string(self):
-        return self.kind == "string"
-
-    def is_bool(self, value):
-        return sa.and_(self.kind == "boolean", self.text == ("true" if value else "false"))
-
-    def int_value(self):
-        return self.number
-
-    def float_value(self):
-        return sa.cast(self.number, pg_types.DOUBLE_PRECISION)
-
-    def str_compare(self, op, value):
-        return sa.and_(self.is_string(), _compare(sa.collate(self.text, "C"), op, escape_text(value)))
-
-    def sort_keys(self):
-        rank = _rank(
-            [
-                (self.kind == "missing", 0),
-                (self.kind == "null", 1),
-                (self.kind == "number", 2),
-                (self.kind == "string", 3),
-                (self.kind == "boolean", 4),
-            ]
-        )
-        as_double = sa.cast(self.number, pg_types.DOUBLE_PRECISION)
-        # Integers beyond 2**53 that round to the same double are ordered by how far they are from it.
-        half = sa.cast(sa.cast(as_double / 2, sa.BigInteger), sa.Numeric)
-        remainder = sa.case(
-            (sa.and_(sa.func.scale(self.number) == 0, sa.func.abs(self.number) > _TWO_53), self.number - half - half),
-            else_=0,
-        )
-        text = sa.collate(sa.case((self.kind.in_(("string", "boolean")), self.text)), "C")
-        return [rank, as_double, remainder, text]
-
-
-class _MySQLField(_Field):
-    """MariaDB/MySQL: ``JSON_EXTRACT``/``JSON_VALUE`` with a bound ``$."seg"`` path and ``JSON_TYPE``.
-
-    Floats are always written with a decimal point, which tells them from
-    integers (``JSON_TYPE`` calls ``1e+16`` an INTEGER).
-    """
-
-    COLLATION = "utf8mb4_nopad_bin"
-
-    def __init__(self, body: Any, path: Path):
-        jpath = "$" + "".join("." + json.dumps(mysql_key(seg), ensure_ascii=False) for seg in path)
-        param = sa.bindparam(None, jpath, type_=sa.Text)
-        self.json = sa.func.json_extract(body, param)
-        self.text = sa.func.json_value(body, param)
-        self.kind = sa.func.coalesce(sa.func.json_type(self.json), "MISSING")
-        self.is_number = self.kind.in_(("INTEGER", "DOUBLE"))
-
-    def is_missing(self):
-        return self.kind == "MISSING"
-
-    def is_null(self):
-        return self.kind == "NULL"
-
-    def is_int(self):
-        return sa.and_(self.is_number, sa.func.instr(self.text, ".") == 0)
-
-    def is_float(self):
-        return sa.and_(self.is_number, sa.func.instr(self.text, ".") > 0)
-
-    def is_string(self):
-        return self.kind == "STRING"
-
-    def is_bool(self, value):
-        literal = sa.literal("true" if value else "false", sa.Text)
-        return sa.and_(
-            self.kind == "BOOLEAN", sa.cast(self.json, mysql_types.BINARY) == sa.cast(literal, mysql_types.BINARY)
-        )
-
-    def int_value(self):
-        return sa.case((self.is_int(), sa.cast(self.text, sa.BigInteger)))
-
-    def float_value(self):
-        return sa.case((self.is_number, sa.cast(self.text, mysql_types.DOUBLE)))
-
-    def str_compare(self, op, value):
-        return sa.and_(self.is_string(), _compare(sa.collate(self.text, self.COLLATION), op, value))
-
-    def sort_keys(self):
-        rank = _rank(
-            [
-                (self.kind == "MISSING", 0),
-                (self.kind == "NULL", 1),
-                (self.is_number, 2),
-                (self.kind == "STRING", 3),
-                (self.kind == "BOOLEAN", 4),
-            ]
-        )
-        as_double = self.float_value()
-        exact = self.int_value()
-        half = sa.cast(as_double / 2, sa.BigInteger)
-        beyond = sa.or_(exact > _TWO_53, exact < -_TWO_53)  # not abs(): abs(-2**63) overflows BIGINT
-        remainder = sa.case((sa.and_(self.is_int(), beyond), exact - half - half), else_=0)
-        text = sa.collate(sa.case((self.kind.in_(("STRING", "BOOLEAN")), self.text)), self.COLLATION)
-        return [rank, as_double, remainder, text]
-
-
 # --------------------------------------------------------------------------- query rendering
 class _Renderer:
     """Turns :mod:`ptutils.query` nodes into a SQLAlchemy boolean expression for one dialect."""
@@ -611,17 +160,12 @@ class _Renderer:
         self.schema = schema
         self.docs = schema.docs
 
-    def field(self, path: Path) -> _Field:
+    def field(self, path: Path) -> Field:
         if path[0] == "_id":
-            return _IdField(self.docs.c.id, self.schema.style) if len(path) == 1 else _Constant()
+            return self.schema.dialect.id_field(self.docs.c.id) if len(path) == 1 else Constant()
         if path[0] == "_version":
-            return _VersionField(self.docs.c.version) if len(path) == 1 else _Constant()
-        body = self.docs.c.body
-        if self.schema.style == "postgresql":
-            return _PostgresField(body, path)
-        if self.schema.style == "mysql":
-            return _MySQLField(body, path)
-        return _SQLiteField(body, path)
+            return VersionField(self.docs.c.version) if len(path) == 1 else Constant()
+        return self.schema.dialect.field(self.docs.c.body, path)
 
     def render(self, node: Node) -> sa.ColumnElement[bool]:
         if isinstance(node, And):
@@ -643,7 +187,7 @@ class _Renderer:
             return field.str_compare(op, value)
         return self.number(field, op, value)
 
-    def equal(self, path: Path, field: _Field, value: Any) -> sa.ColumnElement[bool]:
+    def equal(self, path: Path, field: Field, value: Any) -> sa.ColumnElement[bool]:
         if value is None:
             return sa.or_(field.is_missing(), field.is_null())
         if isinstance(value, bool):
@@ -653,7 +197,7 @@ class _Renderer:
             return column == self.schema.text_param(value) if column is not None else field.str_compare("$eq", value)
         return self.number(field, "$eq", value)
 
-    def any_of(self, path: Path, field: _Field, values: list) -> sa.ColumnElement[bool]:
+    def any_of(self, path: Path, field: Field, values: list) -> sa.ColumnElement[bool]:
         indexed: list[str] = []
         clauses = []
         for value in values:
@@ -673,7 +217,7 @@ class _Renderer:
         return None
 
     @staticmethod
-    def number(field: _Field, op: str, value: float) -> sa.ColumnElement[bool]:
+    def number(field: Field, op: str, value: float) -> sa.ColumnElement[bool]:
         clauses = []
         for plan, kind, current in (
             (_int_plan(op, value), field.is_int, field.int_value),
@@ -682,7 +226,7 @@ class _Renderer:
             if plan is True:
                 clauses.append(kind())
             elif plan:
-                clauses.append(sa.and_(kind(), _compare(current(), plan[0], plan[1])))
+                clauses.append(sa.and_(kind(), compare(current(), plan[0], plan[1])))
         return sa.or_(sa.false(), *clauses)
 
     def order_by(self, sort: list[tuple[Path, int]]) -> list[Any]:
@@ -698,75 +242,47 @@ class _Renderer:
 class _Schema:
     """The tables of one dialect (column types, collations and generated columns differ)."""
 
-    def __init__(self, style: str):
-        self.style = style
+    def __init__(self, dialect: Dialect):
+        self.dialect = dialect
         self.metadata = sa.MetaData()
-        if style == "postgresql":
-            name_type: Any = sa.String(63, collation="C")
-            id_type: Any = sa.String(128, collation="C")
-            body_type: Any = pg_types.JSONB
-            text_type: Any = sa.Text
-            blob_type: Any = pg_types.BYTEA
-            generated = (
-                "CASE WHEN jsonb_typeof(body -> '{f}') = 'string' AND length(body ->> '{f}') <= {n} "
-                "THEN body ->> '{f}' END"
-            )
-            gen_type: Any = sa.Text
-            persisted = True
-        elif style == "mysql":
-            name_type = mysql_types.VARCHAR(63, charset="ascii", collation="ascii_bin")
-            id_type = mysql_types.VARCHAR(128, charset="ascii", collation="ascii_bin")
-            body_type = mysql_types.LONGTEXT(charset="utf8mb4", collation="utf8mb4_bin")
-            text_type = mysql_types.LONGTEXT(charset="utf8mb4", collation="utf8mb4_bin")
-            blob_type = mysql_types.LONGBLOB
-            generated = (
-                "CASE WHEN JSON_TYPE(JSON_EXTRACT(body, '$.{f}')) = 'STRING' "
-                "AND CHAR_LENGTH(JSON_VALUE(body, '$.{f}')) <= {n} THEN JSON_VALUE(body, '$.{f}') END"
-            )
-            gen_type = mysql_types.VARCHAR(INDEXED_MAX_CHARS, charset="utf8mb4", collation=_MySQLField.COLLATION)
-            persisted = False
-        else:
-            name_type, id_type, body_type, text_type, blob_type = sa.Text, sa.Text, sa.Text, sa.Text, sa.LargeBinary
-            generated = (
-                "CASE WHEN json_type(body, '$.{f}') = 'text' AND length(json_extract(body, '$.{f}')) <= {n} "
-                "THEN json_extract(body, '$.{f}') END"
-            )
-            gen_type = sa.Text
-            persisted = False
-        options = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"} if style == "mysql" else {}
+        d = dialect
         self.docs = sa.Table(
             DOCS_TABLE,
             self.metadata,
-            sa.Column("collection", name_type, primary_key=True),
-            sa.Column("id", id_type, primary_key=True),
+            sa.Column("collection", d.name_type, primary_key=True),
+            sa.Column("id", d.id_type, primary_key=True),
             sa.Column("version", sa.BigInteger, nullable=False),
-            sa.Column("body", body_type, nullable=False),
-            sa.Column("fixups", text_type, nullable=True),
+            sa.Column("body", d.body_type, nullable=False),
+            sa.Column("fixups", d.text_type, nullable=True),
             *(
-                sa.Column(f, gen_type, sa.Computed(generated.format(f=f, n=INDEXED_MAX_CHARS), persisted=persisted))
+                sa.Column(
+                    f,
+                    d.mirror_type(INDEXED_MAX_CHARS),
+                    sa.Computed(d.mirror_sql.format(f=f, n=INDEXED_MAX_CHARS), persisted=d.mirror_persisted),
+                )
                 for f in INDEXED_FIELDS
             ),
-            **options,
+            **d.table_options,
         )
         for f in INDEXED_FIELDS:
             sa.Index(f"ix_{DOCS_TABLE}_{f}", self.docs.c.collection, self.docs.c[f], self.docs.c.id)
         self.blobs = sa.Table(
             BLOBS_TABLE,
             self.metadata,
-            sa.Column("collection", name_type, primary_key=True),
-            sa.Column("blob_id", id_type, primary_key=True),
+            sa.Column("collection", d.name_type, primary_key=True),
+            sa.Column("blob_id", d.id_type, primary_key=True),
             sa.Column("chunk", sa.Integer, primary_key=True, autoincrement=False),
             sa.Column("nchunks", sa.Integer, nullable=False),
             sa.Column("size", sa.BigInteger, nullable=False),
-            sa.Column("data", blob_type, nullable=False),
-            **options,
+            sa.Column("data", d.blob_type, nullable=False),
+            **d.table_options,
         )
         self.meta = sa.Table(
             META_TABLE,
             self.metadata,
             sa.Column("name", sa.String(64), primary_key=True),
             sa.Column("value", sa.String(255), nullable=False),
-            **options,
+            **d.table_options,
         )
         self.renderer = _Renderer(self)
         self._lookups: dict[tuple, sa.Select] = {}
@@ -774,29 +290,19 @@ class _Schema:
 
     def _prepare_statements(self) -> None:
         """Statements of the by-id operations, built once (values are bound at execution)."""
-        docs = self.docs
+        docs, dialect = self.docs, self.dialect
         collection, doc_id = sa.bindparam("c_", type_=sa.Text), sa.bindparam("i_", type_=sa.Text)
-        body: Any = sa.bindparam("b_", type_=sa.Text)
-        if self.style == "postgresql":
-            body = sa.cast(body, pg_types.JSONB)
-        self.columns = [docs.c.id, docs.c.version, self.body_column(), docs.c.fixups]
+        body = dialect.bind_body(sa.bindparam("b_", type_=sa.Text))
+        self.columns = [docs.c.id, docs.c.version, dialect.select_body(docs.c.body), docs.c.fixups]
         key = sa.and_(docs.c.collection == collection, docs.c.id == doc_id)
-        self.select_row = sa.select(*self.columns).where(key)
-        if self.style != "sqlite":
-            self.select_row = self.select_row.with_for_update()
+        self.select_row = dialect.lock_rows(sa.select(*self.columns).where(key))
         self.select_ids = sa.select(*self.columns).where(
             docs.c.collection == collection, docs.c.id.in_(sa.bindparam("ids_", expanding=True))
         )
         values = {"version": sa.bindparam("v_", type_=sa.BigInteger), "body": body, "fixups": sa.bindparam("f_")}
         self.update_row = sa.update(docs).where(key).values(**values)
         values.update(collection=collection, id=doc_id)
-        if self.style in ("postgresql", "sqlite"):
-            insert = pg_insert if self.style == "postgresql" else sqlite_insert
-            self.insert_row = insert(docs).values(**values).on_conflict_do_nothing(index_elements=["collection", "id"])
-            if self.style == "postgresql":
-                self.insert_row = self.insert_row.returning(docs.c.version)
-        else:
-            self.insert_row = sa.insert(docs).values(**values)
+        self.insert_row = dialect.insert_new(docs, values)
 
     def lookup_statement(self, fields: tuple[str, ...], count: bool) -> sa.Select:
         """SELECT (or COUNT) of a collection's documents whose indexed ``fields`` equal bound ``q<k>_`` values."""
@@ -814,87 +320,85 @@ class _Schema:
 
     def stored_text(self, value: str) -> str:
         """A string as this dialect stores it (see :func:`escape_text`)."""
-        return value if self.style == "mysql" else escape_text(value)
+        return self.dialect.text.stored(value)
 
     def text_param(self, value: str) -> Any:
         return sa.literal(self.stored_text(value), sa.Text)
 
-    def body_column(self) -> Any:
-        """The body column as selected: JSON text on every dialect."""
-        if self.style == "postgresql":
-            return sa.cast(self.docs.c.body, sa.Text)
-        return self.docs.c.body
+    # ----------------------------------------------------------------- version
+    def stored_version(self, conn: sa.Connection) -> Any:
+        """The schema_version row, or None when the tables do not exist yet."""
+        if not sa.inspect(conn).has_table(META_TABLE):
+            return None
+        return conn.execute(sa.select(self.meta.c.value).where(self.meta.c.name == "schema_version")).scalar()
+
+    def create_or_check(self, conn: sa.Connection, where: str) -> None:
+        """Check the stored schema version; create the tables (under the dialect's lock) if there are none."""
+        stored = self.stored_version(conn)
+        conn.rollback()
+        if stored is not None:
+            _check_version(stored, where)
+            return
+        conn.execution_options(ptutils_write=True)
+        with self.dialect.schema_transaction(conn):
+            stored = self.stored_version(conn)
+            if stored is not None:
+                _check_version(stored, where)
+                return
+            self.metadata.create_all(conn)
+            conn.execute(sa.insert(self.meta).values(name="schema_version", value=str(SCHEMA_VERSION)))
+            log.info("ptutils: created the ptutils tables (schema version %d) in %s", SCHEMA_VERSION, where)
 
 
-# --------------------------------------------------------------------------- errors
-_PG_TRANSIENT_CLASSES = ("08", "40", "53")
-_PG_TRANSIENT_STATES = {"57P01", "57P02", "57P03"}
-_MYSQL_TRANSIENT = {1040, 1205, 1213, 1927, 2002, 2003, 2006, 2013, 2055, 4031}
-_MYSQL_TOO_LARGE = {1153, 1301}
+def _check_version(stored: Any, where: str) -> None:
+    """Refuse a stored schema version that this module cannot read (``where`` names the database)."""
+    try:
+        version = int(stored)
+    except (TypeError, ValueError):
+        raise SchemaVersionError(f"{where}: table {META_TABLE} has no readable schema_version ({stored!r})") from None
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{where}: the ptutils tables have schema version {version}, newer than version "
+            f"{SCHEMA_VERSION} that this ptutils understands; upgrade ptutils to use this database"
+        )
+    if version < 1:
+        raise SchemaVersionError(f"{where}: unknown ptutils schema version {version}")
 
 
-def _error_code(exc: sa.exc.DBAPIError) -> Any:
-    """The MySQL error number (an int) or the PostgreSQL SQLSTATE (a str), if any."""
-    orig = exc.orig
-    args = getattr(orig, "args", ())
-    if args and isinstance(args[0], int):
-        return args[0]
-    return getattr(orig, "sqlstate", None) or None
+# --------------------------------------------------------------------------- the interface
+_DIALECTS: dict[str, type[Dialect]] = {b: d for d in (SQLite, PostgreSQL, MySQL) for b in d.backends}
+"""The dialect of each URL backend name."""
 
 
-def _is_transient(exc: sa.exc.DBAPIError) -> bool:
-    if exc.connection_invalidated:
-        return True
-    code = _error_code(exc)
-    if isinstance(code, str):
-        return code[:2] in _PG_TRANSIENT_CLASSES or code in _PG_TRANSIENT_STATES
-    if isinstance(code, int):
-        return code in _MYSQL_TRANSIENT
-    message = str(exc.orig).lower()
-    if "database is locked" in message or "database table is locked" in message or "database is busy" in message:
-        return True
-    return isinstance(exc, sa.exc.OperationalError) and exc.orig.__class__.__module__.startswith("psycopg")
+def normalise_url(url: str | sa.URL) -> sa.URL:
+    """``url`` with its dialect's defaults (driver, charset); a URL no dialect handles raises StorageError."""
+    parsed = sa.make_url(url)
+    backend, _, driver = parsed.drivername.partition("+")
+    dialect = _DIALECTS.get(backend.lower())
+    if dialect is None:
+        raise StorageError(f"SQLInterface does not handle {parsed.drivername!r} URLs")
+    return dialect.normalise_url(parsed, backend.lower(), driver)
 
 
-def _is_too_large(exc: sa.exc.DBAPIError) -> bool:
-    code = _error_code(exc)
-    if code == "54000" or code in _MYSQL_TOO_LARGE:
-        return True
-    return "too big" in str(exc.orig).lower()
+def _dump_body(body: dict, dialect: str) -> tuple[str, str | None]:
+    """JSON text of a stored body as dialect ``dialect`` (``SQLInterface.dialect``) writes it, and its fixups."""
+    return _DIALECTS[dialect].text.dump(body)
 
 
 class _RetryOperation(Exception):
     """Raised inside a transaction to run the whole operation again (a lost insert race)."""
 
 
-# --------------------------------------------------------------------------- the interface
-def normalise_url(url: str | sa.URL) -> sa.URL:
-    parsed = sa.make_url(url)
-    backend, _, driver = parsed.drivername.partition("+")
-    backend = backend.lower()
-    if backend in ("postgres", "postgresql"):
-        return parsed.set(drivername=f"postgresql+{driver or 'psycopg'}")
-    if backend in ("mysql", "mariadb"):
-        parsed = parsed.set(drivername=f"{backend}+{driver or 'pymysql'}")
-        if "charset" not in parsed.query:
-            parsed = parsed.update_query_dict({"charset": "utf8mb4"})
-        return parsed
-    if backend == "sqlite":
-        return parsed
-    raise StorageError(f"SQLInterface does not handle {parsed.drivername!r} URLs")
-
-
 class _Shared:
-    """What an interface shares with its sibling collections: engine, schema, settings."""
+    """What an interface shares with its sibling collections: engine, dialect, schema, settings."""
 
     def __init__(self, url: sa.URL, retries: int, retry_backoff: float, chunk: int | None, engine_options: dict):
         self.url = url
-        self.style = {"postgresql": "postgresql", "sqlite": "sqlite"}.get(url.get_backend_name(), "mysql")
-        self.schema = _Schema(self.style)
+        self.dialect = _DIALECTS[url.get_backend_name().lower()]()
+        self.schema = _Schema(self.dialect)
         self.retries = retries
         self.retry_backoff = retry_backoff
         self.chunk = chunk or BLOB_CHUNK
-        self.max_packet: int | None = None
         self.ready = False
         self.closed = False
         self.lock = threading.Lock()
@@ -903,79 +407,12 @@ class _Shared:
         self.write_engine = self.engine.execution_options(ptutils_write=True)
 
     def _create_engine(self, engine_options: dict) -> sa.Engine:
-        options: dict[str, Any] = {}
-        connect_args: dict[str, Any] = {}
-        if self.style == "sqlite":
-            database = self.url.database or ""
-            memory = database in ("", ":memory:") or "mode=memory" in database
-            connect_args.update(timeout=30, check_same_thread=False)
-            if memory:
-                options["poolclass"] = StaticPool
-            elif not database.startswith("file:"):
-                directory = os.path.dirname(os.path.abspath(database))
-                os.makedirs(directory, exist_ok=True)
-        elif self.style == "postgresql":
-            connect_args["connect_timeout"] = 10
-        else:
-            options["isolation_level"] = "READ COMMITTED"
-            connect_args["connect_timeout"] = 10
-        options["connect_args"] = {**connect_args, **engine_options.pop("connect_args", {})}
+        options = self.dialect.engine_options(self.url)
+        options["connect_args"] = {**options.get("connect_args", {}), **engine_options.pop("connect_args", {})}
         options.update(engine_options)
         engine = sa.create_engine(self.url, **options)
-        if self.style == "sqlite":
-            sa.event.listen(engine, "connect", _sqlite_on_connect)
-            sa.event.listen(engine, "begin", _sqlite_on_begin)  # a file has no connection to lose: no ping
-        elif not options.get("pool_pre_ping"):  # unless the caller asked for a ping at every checkout
-            sa.event.listen(engine, "checkin", _note_checkin)
-            sa.event.listen(engine, "checkout", functools.partial(_ping_if_idle, engine.dialect))
+        self.dialect.listen(engine, options)
         return engine
-
-
-def _note_checkin(dbapi_connection: Any, record: Any) -> None:
-    record.info["ptutils_idle_since"] = time.monotonic()
-
-
-def _ping_if_idle(dialect: sa.Dialect, dbapi_connection: Any, record: Any, proxy: Any) -> None:
-    """Pre-ping a connection that sat idle in the pool (the server may have dropped it); skip a busy one.
-
-    A connection checked in moments ago is alive but for a crash in between,
-    which the retries of :meth:`SQLInterface._run` cover; sparing its ping halves
-    the round trips of a quick read.
-    """
-    since = record.info.get("ptutils_idle_since")
-    if since is None or time.monotonic() - since <= PING_AFTER_IDLE_S:
-        return
-    try:
-        dialect.do_ping(dbapi_connection)
-    except dialect.loaded_dbapi.Error as exc:
-        if dialect.is_disconnect(exc, dbapi_connection, None):
-            # As pool_pre_ping: a dropped connection means a restarted server, so renew the whole pool.
-            raise sa.exc.InvalidatePoolError() from exc
-        raise
-
-
-def _sqlite_on_connect(dbapi_connection: Any, record: Any) -> None:
-    """Let SQLAlchemy's begin event emit BEGIN itself (pysqlite's implicit transactions off); use WAL."""
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    try:
-        if cursor.execute("PRAGMA journal_mode").fetchone()[0] not in ("wal", "memory"):
-            cursor.execute("PRAGMA journal_mode=WAL")
-    finally:
-        cursor.close()
-
-
-def _sqlite_on_begin(conn: sa.Connection) -> None:
-    options = conn.get_execution_options()
-    if options.get("ptutils_single_read"):
-        return  # one SELECT in autocommit mode reads one snapshot: no BEGIN/COMMIT round trips
-    # Straight to the driver, as pysqlite's own implicit BEGIN is (a statement round through
-    # SQLAlchemy's execution machinery costs as much as the INSERT that follows).
-    statement = "BEGIN IMMEDIATE" if options.get("ptutils_write") else "BEGIN"
-    try:
-        conn.connection.driver_connection.execute(statement)
-    except sqlite3.Error as exc:  # wrapped as SQLAlchemy would, so that a busy file is retried
-        raise sa.exc.OperationalError(statement, None, exc) from exc
 
 
 class SQLInterface(DBInterface):
@@ -1021,7 +458,7 @@ class SQLInterface(DBInterface):
     @property
     def dialect(self) -> str:
         """``sqlite``, ``postgresql`` or ``mysql`` (MariaDB and MySQL)."""
-        return self._shared.style
+        return self._shared.dialect.name
 
     def __repr__(self) -> str:
         safe = self._shared.url.render_as_string(hide_password=True)
@@ -1091,9 +528,9 @@ class SQLInterface(DBInterface):
                     raise StorageError(f"{self._where()}: gave up after {attempt} conflicting attempts") from None
                 continue
             except sa.exc.DBAPIError as exc:
-                if _is_too_large(exc):
+                if shared.dialect.is_too_large(exc):
                     raise DocumentTooLargeError(f"{self._where()}: {exc.orig}") from exc
-                if not _is_transient(exc):
+                if not shared.dialect.is_transient(exc):
                     raise StorageError(f"{self._where()}: {exc.orig}") from exc
                 if committing:
                     raise BackendUnavailableError(
@@ -1133,69 +570,21 @@ class SQLInterface(DBInterface):
                     self._create_or_check_schema()
                     break
                 except sa.exc.DBAPIError as exc:
-                    if not _is_transient(exc) or attempt >= shared.retries:
-                        kind = BackendUnavailableError if _is_transient(exc) else StorageError
+                    transient = shared.dialect.is_transient(exc)
+                    if not transient or attempt >= shared.retries:
+                        kind = BackendUnavailableError if transient else StorageError
                         raise kind(f"{self._where()}: cannot set up the ptutils tables: {exc.orig}") from exc
                     time.sleep(shared.retry_backoff * (2**attempt))
                     attempt += 1
             shared.ready = True
 
-    def _stored_version(self, conn: sa.Connection) -> Any:
-        """The schema_version row, or None when the tables do not exist yet."""
-        meta = self._shared.schema.meta
-        if not sa.inspect(conn).has_table(META_TABLE):
-            return None
-        return conn.execute(sa.select(meta.c.value).where(meta.c.name == "schema_version")).scalar()
-
     def _create_or_check_schema(self) -> None:
-        """Check the stored schema version; create the tables (under a lock) if there are none."""
-        shared, schema = self._shared, self._shared.schema
+        """Learn the server's limits; check the stored schema version, or create the tables."""
+        shared = self._shared
         with shared.engine.connect() as conn:
-            if shared.style == "mysql":
-                shared.max_packet = int(conn.execute(sa.text("SELECT @@max_allowed_packet")).scalar())
-                shared.chunk = min(shared.chunk, max(64 * 1024, shared.max_packet // 3))
-            stored = self._stored_version(conn)
-            conn.rollback()
-            if stored is not None:
-                self._check_version(stored)
-                return
-            conn.execution_options(ptutils_write=True)
-            if shared.style == "mysql":
-                # DDL commits implicitly on MariaDB/MySQL, so a session-level named lock serialises setup.
-                conn.execute(sa.select(sa.func.get_lock("ptutils_schema", 60))).scalar()
-                conn.commit()
-            try:
-                with conn.begin():
-                    if shared.style == "postgresql":
-                        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_SCHEMA_LOCK)))
-                    stored = self._stored_version(conn)
-                    if stored is not None:
-                        self._check_version(stored)
-                        return
-                    schema.metadata.create_all(conn)
-                    conn.execute(sa.insert(schema.meta).values(name="schema_version", value=str(SCHEMA_VERSION)))
-                    log.info(
-                        "ptutils: created the ptutils tables (schema version %d) in %s", SCHEMA_VERSION, self._where()
-                    )
-            finally:
-                if shared.style == "mysql":
-                    conn.execute(sa.select(sa.func.release_lock("ptutils_schema"))).scalar()
-                    conn.commit()
-
-    def _check_version(self, stored: Any) -> None:
-        try:
-            version = int(stored)
-        except (TypeError, ValueError):
-            raise SchemaVersionError(
-                f"{self._where()}: table {META_TABLE} has no readable schema_version ({stored!r})"
-            ) from None
-        if version > SCHEMA_VERSION:
-            raise SchemaVersionError(
-                f"{self._where()}: the ptutils tables have schema version {version}, newer than version "
-                f"{SCHEMA_VERSION} that this ptutils understands; upgrade ptutils to use this database"
-            )
-        if version < 1:
-            raise SchemaVersionError(f"{self._where()}: unknown ptutils schema version {version}")
+            shared.dialect.read_limits(conn)
+            shared.chunk = shared.dialect.blob_chunk(shared.chunk)
+            shared.schema.create_or_check(conn, self._where())
 
     # ----------------------------------------------------------------- rows
     def _key(self) -> sa.ColumnElement[bool]:
@@ -1209,23 +598,15 @@ class SQLInterface(DBInterface):
         # Text without tags or escapes needs no codec walk: mark it so decode() only copies it.
         doc: dict[str, Any] = Untagged() if isinstance(text, str) and untagged_json(text) else {}
         doc["_id"], doc["_version"] = row[0], int(row[1])
-        doc.update(_load_body(text, row[3], self._shared.style))
+        doc.update(self._shared.dialect.text.load(text, row[3]))
         return doc
 
     def _body_values(self, body: dict) -> dict[str, Any]:
         """Bound values of a stored body: ``b_`` (JSON text) and ``f_`` (PostgreSQL fixups)."""
-        shared = self._shared
+        dialect = self._shared.dialect
         clean = {k: v for k, v in body.items() if k not in ("_id", "_version")}
-        text, fixups = _dump_body(clean, shared.style)
-        if shared.max_packet is not None and len(text) > shared.max_packet // 4:
-            import pymysql.converters
-
-            size = len(pymysql.converters.escape_string(text).encode("utf-8")) + 4096
-            if size > shared.max_packet:
-                raise DocumentTooLargeError(
-                    f"{self._where()}: the document needs {size} bytes in one statement, over MariaDB's "
-                    f"max_allowed_packet of {shared.max_packet}; store large values as arrays/bytes (blobs)"
-                )
+        text, fixups = dialect.text.dump(clean)
+        dialect.check_statement(text, self._where())
         return {"b_": text, "f_": fixups}
 
     def _locked_row(self, conn: sa.Connection, doc_id: str) -> Any:
@@ -1235,17 +616,7 @@ class SQLInterface(DBInterface):
         """Insert version 1 of ``doc_id``; False if it already exists (nothing written)."""
         shared = self._shared
         params = {"c_": self.collection_name, "i_": doc_id, "v_": 1, **values}
-        if shared.style == "postgresql":
-            return conn.execute(shared.schema.insert_row, params).first() is not None
-        if shared.style == "sqlite":
-            return conn.execute(shared.schema.insert_row, params).rowcount == 1  # 0: the id exists
-        try:
-            conn.execute(shared.schema.insert_row, params)
-        except sa.exc.IntegrityError as exc:
-            if _error_code(exc) == 1062:
-                return False
-            raise
-        return True
+        return shared.dialect.inserted(conn, shared.schema.insert_row, params)
 
     def _replace(self, conn: sa.Connection, doc_id: str, version: int, values: dict) -> None:
         params = {"c_": self.collection_name, "i_": doc_id, "v_": version, **values}
@@ -1412,11 +783,7 @@ class SQLInterface(DBInterface):
                 }
                 for i, piece in enumerate(pieces)
             ]
-            if shared.style == "mysql":
-                for row in rows:
-                    conn.execute(sa.insert(blobs), row)
-            else:
-                conn.execute(sa.insert(blobs), rows)
+            shared.dialect.insert_chunks(conn, blobs, rows)
 
         self._run(op, write=True)
 
