@@ -2,56 +2,28 @@
 
 URLs: ``sqlite:///path/to/file.db``, ``postgresql://user@host/db`` (psycopg 3 is
 picked when no driver is named), ``mysql+pymysql://user@host/db`` (also
-``mysql://`` and ``mariadb://``, which pick PyMySQL).
-
-Schema (created on first use, its version stored in ``ptutils_meta``; a newer
-version than this module knows raises :class:`SchemaVersionError`):
-
-* ``ptutils_documents(collection, id, version, body, fixups, session_id, state,
-  parent_id)``, primary key ``(collection, id)``.  ``body`` is the encoded
-  document without ``_id``/``_version`` (which live in their own columns) as
-  JSONB on PostgreSQL and JSON text elsewhere.  ``session_id``, ``state`` and
-  ``parent_id`` are generated columns (STORED on PostgreSQL, VIRTUAL on MariaDB
-  and SQLite) holding the top-level field when it is a string of at most 255
-  characters, else NULL; each has an index ``(collection, <field>, id)``.  Equality
-  and ``$in`` on those fields use the column (exact by construction), so the
-  status queries of sessions are index lookups; every other path is evaluated
-  with the dialect's JSON functions.  ``fixups`` is only used on PostgreSQL: JSONB
-  cannot hold ``-0.0``, so such values are recorded there and restored on read.
-  Strings holding U+0000 or U+0001 are stored escaped on SQLite and PostgreSQL
-  by an order-preserving code (:func:`escape_text`), so they compare exactly.
-* ``ptutils_blobs(collection, blob_id, chunk, nchunks, size, data)``: blobs in
-  4 MiB chunks (smaller if MariaDB's ``max_allowed_packet`` asks for it), all
-  written in one transaction, so readers see a whole blob or none.
-
-Queries (:mod:`ptutils.query` nodes) are rendered to SQL expressions with every
-value and JSON path bound as a parameter; filter, sort, skip and limit run in the
-database.  The kind of a value (missing, null, integer, float, string, bool,
-array/object) is read with ``json_type`` (SQLite), ``jsonb_typeof`` (PostgreSQL)
-or ``JSON_TYPE`` (MariaDB) so that ``true != 1``, ``null`` matches missing, and
-orderings compare one kind only.  Numbers are compared exactly: stored integers
-as integers and stored floats as doubles, each against a bound obtained from the
-query value (see :func:`_int_plan` / :func:`_float_plan`), so ``2**53 + 1`` never
-equals ``2**53``.  Sorting uses a rank per kind (missing < null < numbers <
-strings < booleans < arrays/objects) and then the value, strings in code point
-order (``COLLATE "C"``, ``utf8mb4_nopad_bin``, SQLite's BINARY), ties by id.
+``mysql://`` and ``mariadb://``, which pick PyMySQL).  The URL picks the
+:class:`~ptutils.backends.sql.dialect.Dialect`; everything here is shared by the
+dialects and asks the dialect wherever they differ.  The tables are described in
+:mod:`.schema`, query rendering in :mod:`.render`.
 
 Every operation is one transaction: updates read the row with ``SELECT ... FOR
 UPDATE`` (``BEGIN IMMEDIATE`` on SQLite), apply :func:`ptutils.query.apply_update`
 and write it back.  Reads made of one SELECT (``load``, ``count``,
 ``load_from_ids``) are atomic by themselves and run without BEGIN/COMMIT round
-trips.  A pooled connection idle for more than :data:`PING_AFTER_IDLE_S` is
-pinged before use and replaced if the server dropped it; transient failures
-(disconnects, deadlocks, a busy SQLite file) are retried with exponential
-backoff, and :class:`BackendUnavailableError` is raised after the last retry.
-A failure while committing a write is never retried (its outcome is unknown)
-and is reported as BackendUnavailableError saying so.
+trips.  A pooled connection idle for more than
+:data:`~ptutils.backends.sql.dialect.PING_AFTER_IDLE_S` is pinged before use and
+replaced if the server dropped it; transient failures (disconnects, deadlocks, a
+busy SQLite file) are retried with exponential backoff, and
+:class:`BackendUnavailableError` is raised after the last retry.  A failure while
+committing a write is never retried (its outcome is unknown) and is reported as
+BackendUnavailableError saying so.  Blobs are written in chunks, all in one
+transaction.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -67,40 +39,30 @@ from ptutils.errors import (
     CorruptionError,
     DocumentTooLargeError,
     NotFoundError,
-    SchemaVersionError,
     StorageError,
 )
-from ptutils.query import (
-    And,
-    Compare,
-    Exists,
-    Node,
-    Or,
-    Path,
-    Update,
-    apply_update,
-    project,
-)
+from ptutils.query import And, Compare, Node, Path, Update, apply_update, project
 
 from .dialect import PING_AFTER_IDLE_S, Dialect
-from .fields import Constant, Field, VersionField, compare
 from .mysql import MySQL, mysql_key
 from .postgresql import PostgreSQL
+from .render import indexed_column, render_filter, render_order
+from .schema import (
+    BLOBS_TABLE,
+    DOCS_TABLE,
+    INDEXED_FIELDS,
+    INDEXED_MAX_CHARS,
+    META_TABLE,
+    SCHEMA_VERSION,
+    Schema,
+)
 from .sqlite import SQLite
 from .text import escape_text
 from .text import unescape_text as _unescape_text  # noqa: F401  (imported from here by tests/test_sql.py)
 
 log = logging.getLogger("ptutils")
 
-SCHEMA_VERSION = 1
-"""Version of the table layout written by this module (stored in ``ptutils_meta``)."""
-INDEXED_FIELDS = ("session_id", "state", "parent_id")
-"""Top-level string fields mirrored into indexed generated columns."""
-INDEXED_MAX_CHARS = 255
 BLOB_CHUNK = 4 * 1024 * 1024
-DOCS_TABLE, BLOBS_TABLE, META_TABLE = "ptutils_documents", "ptutils_blobs", "ptutils_meta"
-
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _IN_BATCH = 500
 _T = TypeVar("_T")
 
@@ -119,253 +81,6 @@ __all__ = [
     "normalise_url",
 ]
 
-
-# --------------------------------------------------------------------------- numbers
-def _int_plan(op: str, value: float) -> bool | tuple[str, int]:
-    """How stored 64-bit integers ``x`` satisfy ``x <op> value``: always/never, or an exact int comparison."""
-    if isinstance(value, float):
-        if value.is_integer():
-            value = int(value)
-        elif op == "$eq":
-            return False
-        elif op in ("$gt", "$gte"):
-            op, value = "$gte", math.ceil(value)
-        else:
-            op, value = "$lte", math.floor(value)
-    if value > _INT64_MAX:
-        return op in ("$lt", "$lte")
-    if value < _INT64_MIN:
-        return op in ("$gt", "$gte")
-    return op, int(value)
-
-
-def _float_plan(op: str, value: float) -> bool | tuple[str, float]:
-    """How stored finite doubles ``d`` satisfy ``d <op> value``: always/never, or an exact double comparison."""
-    if isinstance(value, float):
-        return op, value
-    near = float(value)  # value is a 64-bit int: always finite
-    if near == value:
-        return op, near
-    if op == "$eq":
-        return False
-    low, high = (near, math.nextafter(near, math.inf)) if near < value else (math.nextafter(near, -math.inf), near)
-    return ("$gte", high) if op in ("$gt", "$gte") else ("$lte", low)
-
-
-# --------------------------------------------------------------------------- query rendering
-class _Renderer:
-    """Turns :mod:`ptutils.query` nodes into a SQLAlchemy boolean expression for one dialect."""
-
-    def __init__(self, schema: _Schema):
-        self.schema = schema
-        self.docs = schema.docs
-
-    def field(self, path: Path) -> Field:
-        if path[0] == "_id":
-            return self.schema.dialect.id_field(self.docs.c.id) if len(path) == 1 else Constant()
-        if path[0] == "_version":
-            return VersionField(self.docs.c.version) if len(path) == 1 else Constant()
-        return self.schema.dialect.field(self.docs.c.body, path)
-
-    def render(self, node: Node) -> sa.ColumnElement[bool]:
-        if isinstance(node, And):
-            return sa.and_(sa.true(), *(self.render(c) for c in node.clauses))
-        if isinstance(node, Or):
-            return sa.or_(*(self.render(c) for c in node.clauses))
-        field = self.field(node.path)
-        if isinstance(node, Exists):
-            return sa.not_(field.is_missing()) if node.exists else field.is_missing()
-        op, value = node.op, node.value
-        if op == "$eq":
-            return self.equal(node.path, field, value)
-        if op == "$ne":
-            return sa.not_(self.equal(node.path, field, value))
-        if op in ("$in", "$nin"):
-            matched = self.any_of(node.path, field, list(value))
-            return matched if op == "$in" else sa.not_(matched)
-        if isinstance(value, str):
-            return field.str_compare(op, value)
-        return self.number(field, op, value)
-
-    def equal(self, path: Path, field: Field, value: Any) -> sa.ColumnElement[bool]:
-        if value is None:
-            return sa.or_(field.is_missing(), field.is_null())
-        if isinstance(value, bool):
-            return field.is_bool(value)
-        if isinstance(value, str):
-            column = self.indexed_column(path, value)
-            return column == self.schema.text_param(value) if column is not None else field.str_compare("$eq", value)
-        return self.number(field, "$eq", value)
-
-    def any_of(self, path: Path, field: Field, values: list) -> sa.ColumnElement[bool]:
-        indexed: list[str] = []
-        clauses = []
-        for value in values:
-            if isinstance(value, str) and self.indexed_column(path, value) is not None:
-                indexed.append(value)
-            else:
-                clauses.append(self.equal(path, field, value))
-        if indexed:
-            column = self.docs.c[path[0]]
-            clauses.append(column.in_([self.schema.text_param(v) for v in indexed]))
-        return sa.or_(sa.false(), *clauses)
-
-    def indexed_column(self, path: Path, value: str) -> Any:
-        """The generated column answering ``path == value`` exactly, if there is one."""
-        if len(path) == 1 and path[0] in INDEXED_FIELDS and len(self.schema.stored_text(value)) <= INDEXED_MAX_CHARS:
-            return self.docs.c[path[0]]
-        return None
-
-    @staticmethod
-    def number(field: Field, op: str, value: float) -> sa.ColumnElement[bool]:
-        clauses = []
-        for plan, kind, current in (
-            (_int_plan(op, value), field.is_int, field.int_value),
-            (_float_plan(op, value), field.is_float, field.float_value),
-        ):
-            if plan is True:
-                clauses.append(kind())
-            elif plan:
-                clauses.append(sa.and_(kind(), compare(current(), plan[0], plan[1])))
-        return sa.or_(sa.false(), *clauses)
-
-    def order_by(self, sort: list[tuple[Path, int]]) -> list[Any]:
-        keys: list[Any] = []
-        for path, direction in sort:
-            for key in self.field(path).sort_keys():
-                keys.append(key.desc() if direction < 0 else key.asc())
-        keys.append(self.docs.c.id.asc())
-        return keys
-
-
-# --------------------------------------------------------------------------- schema
-class _Schema:
-    """The tables of one dialect (column types, collations and generated columns differ)."""
-
-    def __init__(self, dialect: Dialect):
-        self.dialect = dialect
-        self.metadata = sa.MetaData()
-        d = dialect
-        self.docs = sa.Table(
-            DOCS_TABLE,
-            self.metadata,
-            sa.Column("collection", d.name_type, primary_key=True),
-            sa.Column("id", d.id_type, primary_key=True),
-            sa.Column("version", sa.BigInteger, nullable=False),
-            sa.Column("body", d.body_type, nullable=False),
-            sa.Column("fixups", d.text_type, nullable=True),
-            *(
-                sa.Column(
-                    f,
-                    d.mirror_type(INDEXED_MAX_CHARS),
-                    sa.Computed(d.mirror_sql.format(f=f, n=INDEXED_MAX_CHARS), persisted=d.mirror_persisted),
-                )
-                for f in INDEXED_FIELDS
-            ),
-            **d.table_options,
-        )
-        for f in INDEXED_FIELDS:
-            sa.Index(f"ix_{DOCS_TABLE}_{f}", self.docs.c.collection, self.docs.c[f], self.docs.c.id)
-        self.blobs = sa.Table(
-            BLOBS_TABLE,
-            self.metadata,
-            sa.Column("collection", d.name_type, primary_key=True),
-            sa.Column("blob_id", d.id_type, primary_key=True),
-            sa.Column("chunk", sa.Integer, primary_key=True, autoincrement=False),
-            sa.Column("nchunks", sa.Integer, nullable=False),
-            sa.Column("size", sa.BigInteger, nullable=False),
-            sa.Column("data", d.blob_type, nullable=False),
-            **d.table_options,
-        )
-        self.meta = sa.Table(
-            META_TABLE,
-            self.metadata,
-            sa.Column("name", sa.String(64), primary_key=True),
-            sa.Column("value", sa.String(255), nullable=False),
-            **d.table_options,
-        )
-        self.renderer = _Renderer(self)
-        self._lookups: dict[tuple, sa.Select] = {}
-        self._prepare_statements()
-
-    def _prepare_statements(self) -> None:
-        """Statements of the by-id operations, built once (values are bound at execution)."""
-        docs, dialect = self.docs, self.dialect
-        collection, doc_id = sa.bindparam("c_", type_=sa.Text), sa.bindparam("i_", type_=sa.Text)
-        body = dialect.bind_body(sa.bindparam("b_", type_=sa.Text))
-        self.columns = [docs.c.id, docs.c.version, dialect.select_body(docs.c.body), docs.c.fixups]
-        key = sa.and_(docs.c.collection == collection, docs.c.id == doc_id)
-        self.select_row = dialect.lock_rows(sa.select(*self.columns).where(key))
-        self.select_ids = sa.select(*self.columns).where(
-            docs.c.collection == collection, docs.c.id.in_(sa.bindparam("ids_", expanding=True))
-        )
-        values = {"version": sa.bindparam("v_", type_=sa.BigInteger), "body": body, "fixups": sa.bindparam("f_")}
-        self.update_row = sa.update(docs).where(key).values(**values)
-        values.update(collection=collection, id=doc_id)
-        self.insert_row = dialect.insert_new(docs, values)
-
-    def lookup_statement(self, fields: tuple[str, ...], count: bool) -> sa.Select:
-        """SELECT (or COUNT) of a collection's documents whose indexed ``fields`` equal bound ``q<k>_`` values."""
-        key = (fields, count)
-        stmt = self._lookups.get(key)
-        if stmt is None:
-            where = [self.docs.c.collection == sa.bindparam("c_", type_=sa.Text)]
-            where += [self.docs.c[f] == sa.bindparam(f"q{k}_", type_=sa.Text) for k, f in enumerate(fields)]
-            if count:
-                stmt = sa.select(sa.func.count()).select_from(self.docs).where(*where)
-            else:
-                stmt = sa.select(*self.columns).where(*where).order_by(self.docs.c.id)
-            self._lookups[key] = stmt
-        return stmt
-
-    def stored_text(self, value: str) -> str:
-        """A string as this dialect stores it (see :func:`escape_text`)."""
-        return self.dialect.text.stored(value)
-
-    def text_param(self, value: str) -> Any:
-        return sa.literal(self.stored_text(value), sa.Text)
-
-    # ----------------------------------------------------------------- version
-    def stored_version(self, conn: sa.Connection) -> Any:
-        """The schema_version row, or None when the tables do not exist yet."""
-        if not sa.inspect(conn).has_table(META_TABLE):
-            return None
-        return conn.execute(sa.select(self.meta.c.value).where(self.meta.c.name == "schema_version")).scalar()
-
-    def create_or_check(self, conn: sa.Connection, where: str) -> None:
-        """Check the stored schema version; create the tables (under the dialect's lock) if there are none."""
-        stored = self.stored_version(conn)
-        conn.rollback()
-        if stored is not None:
-            _check_version(stored, where)
-            return
-        conn.execution_options(ptutils_write=True)
-        with self.dialect.schema_transaction(conn):
-            stored = self.stored_version(conn)
-            if stored is not None:
-                _check_version(stored, where)
-                return
-            self.metadata.create_all(conn)
-            conn.execute(sa.insert(self.meta).values(name="schema_version", value=str(SCHEMA_VERSION)))
-            log.info("ptutils: created the ptutils tables (schema version %d) in %s", SCHEMA_VERSION, where)
-
-
-def _check_version(stored: Any, where: str) -> None:
-    """Refuse a stored schema version that this module cannot read (``where`` names the database)."""
-    try:
-        version = int(stored)
-    except (TypeError, ValueError):
-        raise SchemaVersionError(f"{where}: table {META_TABLE} has no readable schema_version ({stored!r})") from None
-    if version > SCHEMA_VERSION:
-        raise SchemaVersionError(
-            f"{where}: the ptutils tables have schema version {version}, newer than version "
-            f"{SCHEMA_VERSION} that this ptutils understands; upgrade ptutils to use this database"
-        )
-    if version < 1:
-        raise SchemaVersionError(f"{where}: unknown ptutils schema version {version}")
-
-
-# --------------------------------------------------------------------------- the interface
 _DIALECTS: dict[str, type[Dialect]] = {b: d for d in (SQLite, PostgreSQL, MySQL) for b in d.backends}
 """The dialect of each URL backend name."""
 
@@ -395,7 +110,7 @@ class _Shared:
     def __init__(self, url: sa.URL, retries: int, retry_backoff: float, chunk: int | None, engine_options: dict):
         self.url = url
         self.dialect = _DIALECTS[url.get_backend_name().lower()]()
-        self.schema = _Schema(self.dialect)
+        self.schema = Schema(self.dialect)
         self.retries = retries
         self.retry_backoff = retry_backoff
         self.chunk = chunk or BLOB_CHUNK
@@ -664,11 +379,11 @@ class SQLInterface(DBInterface):
 
     def _select(self, query: Node) -> sa.Select:
         schema = self._shared.schema
-        return sa.select(*self._columns()).where(self._key(), schema.renderer.render(query))
+        return sa.select(*self._columns()).where(self._key(), render_filter(query, schema))
 
     def find_statement(self, query: Node, sort: list[tuple[Path, int]], limit: int | None, skip: int) -> sa.Select:
         """The SELECT that :meth:`load` runs for parsed ``query``/``sort`` (for inspection and tests)."""
-        stmt = self._select(query).order_by(*self._shared.schema.renderer.order_by(sort))
+        stmt = self._select(query).order_by(*render_order(sort, self._shared.schema))
         if limit is not None:
             stmt = stmt.limit(limit)
         if skip:
@@ -686,11 +401,11 @@ class SQLInterface(DBInterface):
                 isinstance(clause, Compare)
                 and clause.op == "$eq"
                 and isinstance(clause.value, str)
-                and self._shared.schema.renderer.indexed_column(clause.path, clause.value) is not None
+                and indexed_column(clause.path, clause.value, self._shared.schema) is not None
             ):
                 return None
             fields.append(clause.path[0])
-            params[f"q{k}_"] = self._shared.schema.stored_text(clause.value)
+            params[f"q{k}_"] = self._shared.dialect.text.stored(clause.value)
         return tuple(fields), params
 
     def _find(
@@ -715,7 +430,7 @@ class SQLInterface(DBInterface):
         if lookup is not None:
             stmt, params = schema.lookup_statement(lookup[0], count=True), {**lookup[1], "c_": self.collection_name}
         else:
-            where = sa.and_(self._key(), schema.renderer.render(query))
+            where = sa.and_(self._key(), render_filter(query, schema))
             stmt, params = sa.select(sa.func.count()).select_from(schema.docs).where(where), {}
         return int(self._run(lambda conn: conn.execute(stmt, params).scalar_one(), write=False, single_read=True))
 
@@ -737,7 +452,7 @@ class SQLInterface(DBInterface):
         return removed
 
     def _remove_query(self, query: Node) -> list[dict]:
-        return self._delete_returning(self._shared.schema.renderer.render(query))
+        return self._delete_returning(render_filter(query, self._shared.schema))
 
     def _update(
         self, doc_id: str, update: Update, expected_version: int | None, upsert: bool
