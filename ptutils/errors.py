@@ -60,6 +60,32 @@ class NotFoundError(StorageError, KeyError):
         return str(self.args[0])
 
 
+class SessionNotFound(NotFoundError, SessionError):
+    """No session record has the id asked for (``Session.resume``, ``must_exist=True``); names the database."""
+
+    def __init__(self, session_id: str, url: str, hint: str = ""):
+        self.session_id = session_id
+        self.url = url
+        self._hint = hint
+        super().__init__("session", session_id, url)
+
+    def __str__(self) -> str:
+        return super().__str__() + self._hint
+
+
+class ConfigChangeError(SessionError, ValueError):
+    """A session was asked to go on under a config that differs from the one its record ran with.
+
+    ``fields`` maps each differing dotted path to ``(recorded, new)``; the
+    message says, per field, whether ``overrides=`` could apply it.
+    """
+
+    def __init__(self, session_id: str, fields: dict[str, tuple[Any, Any]], message: str):
+        self.session_id = session_id
+        self.fields = fields
+        super().__init__(message)
+
+
 class InvalidIdError(StorageError, ValueError):
     """An id or collection name is malformed or could escape the storage root."""
 

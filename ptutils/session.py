@@ -18,6 +18,7 @@ outage clock), :mod:`ptutils.status` (what the record says).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -31,7 +32,8 @@ from typing import Any
 import torch
 
 from .checkpoint import CheckpointStore, deserialize, seed_everything, serialize, serialize_parts
-from .config import Config, build
+from .changes import ConfigChanges, plan
+from .config import Config, build, canonical_path, object_paths, paths_named
 from .data import DataProvider
 from .database import BlobData, DBInterface, backend_for, check_id, open_db
 from .errors import BackendUnavailableError, CheckpointError, ConfigError, SessionError, StorageError, TransitionError
@@ -40,7 +42,9 @@ from .model import Model
 from .outage import OutageClock, retry_through_outage
 from .position import LoopPosition, capture, restore, resume_from, stages_to_replay
 from .stages import LIFECYCLE, SEP, STAGE_DONE, Stage, StageTransition, parse_transitions
-from .status import StatusWriter, archive_attempt, initial_record, pause_request, progress_fields, steps_allowed
+from .status import (
+    StatusWriter, archive_attempt, initial_record, pause_request, progress_fields, session_not_found, steps_allowed,
+)
 from .update import Update
 from .writer import BackgroundWriter
 
@@ -60,6 +64,32 @@ def _checkpoint_summary(record: dict[str, Any]) -> dict[str, Any]:
     return {"id": record["_id"], "step": record["step"], "reason": record["reason"], "time": record["created"]}
 
 
+class _ClassOrInstance:
+    """One name, two verbs: ``Session.resume(db, id)`` rebuilds a stored session, ``session.resume()`` is the trigger."""
+
+    def __init__(self, on_class: classmethod, on_instance: Callable):
+        self._on_class = on_class
+        self._on_instance = on_instance
+
+    def __get__(self, instance: Any, owner: type) -> Callable:
+        if instance is None:
+            return self._on_class.__get__(None, owner)
+        return self._on_instance.__get__(instance, owner)
+
+
+def _check_keywords(cls: type, config: Config, kwargs: Mapping[str, Any]) -> None:
+    """Refuse a keyword of ``from_config`` that is no Session argument, naming it and the override to use."""
+    known = set(inspect.signature(cls.__init__).parameters) - {"self", "model", "data"}
+    for name in kwargs:
+        if name not in known:
+            paths = paths_named(config, name)
+            example = f"{{{paths[0]!r}: ...}}" if paths else "{'model.optimizer.lr': ...} (dotted config paths)"
+            raise SessionError(
+                f"Session.from_config() got an unexpected keyword {name!r}: it takes Session arguments only; "
+                f"vary a config field with overrides={example}"
+            )
+
+
 def _slug(name: str) -> str:
     keep = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40].strip("-_.")
     return keep or "session"
@@ -69,9 +99,18 @@ class Session:
     """One experiment: a Model, a DataProvider and a DBInterface, driven as a state machine.
 
     Give ``session_id`` to attach to an existing record (resume in a new
-    process); otherwise a new id is made from ``name``.  ``checkpoint_db``
-    keeps checkpoints apart from the records (e.g. records on a server,
-    checkpoints in a local directory).
+    process); otherwise a new id is made from ``name``.  With ``must_exist``
+    a missing record raises SessionNotFound (naming the id and the database)
+    instead of starting a new session.  ``checkpoint_db`` keeps checkpoints
+    apart from the records (e.g. records on a server, checkpoints in a local
+    directory).
+
+    With ``config``, attaching compares it with the config the record ran with
+    (see :mod:`ptutils.changes`): a difference is refused with a
+    ConfigChangeError listing the fields, unless it is in ``overrides``
+    (dotted paths, as in :meth:`from_config`) and can be applied to the run in
+    progress (lr, grad_clip, stage budgets); applied changes are recorded in
+    the record's ``config_changes``.
     """
 
     def __init__(
@@ -98,6 +137,8 @@ class Session:
         parent: Session | None = None,
         config: Config | None = None,
         metadata: Mapping[str, Any] | None = None,
+        must_exist: bool = False,
+        overrides: Mapping[str, Any] | None = None,
     ):
         if not isinstance(model, Model):
             raise SessionError(f"model must be a ptutils.model.Model, got {type(model).__name__}")
@@ -105,7 +146,14 @@ class Session:
         self.data = data
         self.name = name
         self.seed = seed
-        self.config = config
+        if must_exist and session_id is None:
+            raise SessionError("must_exist=True needs the session_id of the record to attach to")
+        if overrides and config is None:
+            raise SessionError("overrides= changes fields of a config: give config= too")
+        self.config = config.with_overrides(overrides) if overrides and config is not None else config
+        self._asked = [canonical_path(self.config, key) for key in overrides or ()]
+        self._changes: ConfigChanges | None = None
+        """Config changes taken when attaching, recorded once they are in effect (after a resume's restore)."""
         self.metadata = dict(metadata or {})
         self.stages: dict[str, Stage] = {}
         for raw in stages:
@@ -161,7 +209,15 @@ class Session:
         self._start_error: BaseException | None = None
 
         record = self._status.load()
-        initial = "pending" if record is None else self._take_over(record)
+        if record is None and must_exist:
+            missing = session_not_found(self.db, self.id)
+            self.close()
+            raise missing
+        try:
+            initial = "pending" if record is None else self._take_over(record)
+        except BaseException:
+            self.close()
+            raise
         self._lifecycle = Lifecycle(self, list(self.stages.values()), self.stage_transitions, initial,
                                     start_guard=self._start_guard)
         self._polled: dict[str, list[StageTransition]] = {s: [] for s in self.stages}
@@ -182,6 +238,8 @@ class Session:
                 parent.add_child(self)
         elif parent is not None and self not in parent.children:
             parent.children.append(self)
+        if not self._needs_restore:
+            self._take_config_changes()
 
     # ------------------------------------------------------------------ construction
     def _open(self, db: DBInterface | str) -> DBInterface:
@@ -192,9 +250,19 @@ class Session:
         return opened
 
     @classmethod
-    def from_config(cls, config: Config | Mapping[str, Any], *, session_id: str | None = None, **overrides: Any) -> Session:
-        """Build a session (model, data, updates, stages) from a Config or its dict."""
+    def from_config(cls, config: Config | Mapping[str, Any], *, session_id: str | None = None,
+                    overrides: Mapping[str, Any] | None = None, **kwargs: Any) -> Session:
+        """Build a session (model, data, updates, stages) from a Config or its dict.
+
+        ``overrides`` varies config fields by dotted path (``{"model.optimizer.lr": 0.3}``,
+        validated as the config is, see :meth:`Config.with_overrides`); on a resume
+        it also names the changes to apply.  ``kwargs`` are Session arguments
+        (``db``, ``queue``, ``must_exist`` ...), which take precedence over the config's.
+        """
         cfg = config if isinstance(config, Config) else Config.from_dict(config)
+        if overrides:
+            cfg = cfg.with_overrides(overrides)
+        _check_keywords(cls, cfg, kwargs)
         for field, url in (("db", cfg.db), ("checkpoint.db", cfg.checkpoint.db)):
             if url is not None:
                 try:
@@ -210,7 +278,7 @@ class Session:
             parse_transitions(cfg.transitions, [s.name for s in stages if isinstance(s, Stage)] or ["train"])
         except ConfigError as exc:
             raise ConfigError(exc.field.replace("stages[]", "stages"), str(exc).split(": ", 1)[1]) from None
-        kwargs: dict[str, Any] = dict(
+        built: dict[str, Any] = dict(
             stages=stages,
             transitions=cfg.transitions,
             updates=updates,
@@ -224,12 +292,46 @@ class Session:
             status_interval=cfg.status_interval,
             config=cfg,
             metadata=cfg.metadata,
+            overrides=overrides,
         )
-        kwargs.update(overrides)
-        return cls(model, data, session_id=session_id, **kwargs)
+        return cls(model, data, session_id=session_id, **{**built, **kwargs})
+
+    @classmethod
+    def _resume_stored(cls, db: DBInterface | str, session_id: str, *, overrides: Mapping[str, Any] | None = None,
+                       **kwargs: Any) -> Session:
+        """The stored session ``session_id`` of ``db``, rebuilt from the config its record holds; ``run()`` goes on.
+
+        Raises SessionNotFound naming the id and the database when there is no
+        such record.  ``overrides`` (dotted paths) applies what a run in progress
+        can take (``{"stages.train.max_epochs": 8, "model.optimizer.lr": 0.01}``),
+        recorded in the record's ``config_changes``; ``kwargs`` are Session
+        arguments a config does not hold (``queue``, ``start_conditions`` ...).
+        A session built from Python objects has no rebuildable config: build it
+        again as before with ``Session(..., session_id=ID, must_exist=True)``.
+        """
+        probe = db if isinstance(db, DBInterface) else open_db(db)
+        try:
+            record = StatusWriter(probe, check_id(session_id)).load()
+            if record is None:
+                raise session_not_found(probe, session_id)
+        finally:
+            if probe is not db:
+                probe.close()
+        stored = record.get("config")
+        built_in_code = object_paths(stored) if stored is not None else ["model"]
+        if built_in_code:
+            raise SessionError(
+                f"session {session_id!r} was built in code ({built_in_code[0]} is a Python object), so its record "
+                f"cannot rebuild it: build it again as before with Session(..., session_id={session_id!r}, "
+                f"must_exist=True)"
+            )
+        return cls.from_config(stored, session_id=session_id, overrides=overrides, db=db, must_exist=True, **kwargs)
 
     def _take_over(self, record: dict[str, Any]) -> str:
         """Continue an existing record: its name, counters and outcome, and the state to go on from."""
+        state = record.get("state")
+        self._changes = plan(self.id, record.get("config"), self.config, self._asked,
+                             "paused" if state == "running" else str(state))
         self.name = record.get("name", self.name)
         pos = self.position
         pos.attempt = int(record.get("attempt", 1))
@@ -358,6 +460,8 @@ class Session:
     def resume(self) -> bool:
         """paused -> running in the stage it was paused in."""
         return self._fire("resume")
+
+    resume = _ClassOrInstance(_resume_stored, resume)
 
     def stop(self) -> bool:
         """End the session early: -> complete with outcome 'stopped'."""
@@ -626,6 +730,18 @@ class Session:
         self._needs_restore = False
         dropped = self._status.drop_stored_after(record.get("attempt", self.attempt), record["step"])  # run again
         self.log_event("resume", checkpoint=record["_id"], restored_step=record["step"], dropped_events=dropped)
+        self._take_config_changes()
+
+    def _take_config_changes(self) -> None:
+        """Put the config changes taken when attaching into effect (after any restore) and record them."""
+        changes, self._changes = self._changes, None
+        if changes is None:
+            return
+        changes.apply(self.model)
+        entry = changes.entry(attempt=self.attempt, stage=self.stage, step=self.step) if changes.fields else None
+        self._status.write({"config": changes.config}, push={"config_changes": entry} if entry else None)
+        if entry is not None:
+            self.log_event("config_change", fields=entry["fields"])
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Session:

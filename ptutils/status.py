@@ -22,6 +22,7 @@ This module also holds what the record *says*: its schema
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import logging
 import math
@@ -35,7 +36,7 @@ from typing import Any
 
 from .conditions import db_reachable  # noqa: F401  (imported from here before conditions.py)
 from .database import DBInterface
-from .errors import NotFoundError, StorageError
+from .errors import NotFoundError, SessionNotFound, StorageError
 from .outage import OutageClock
 
 log = logging.getLogger("ptutils")
@@ -85,6 +86,14 @@ def request_pause(db: DBInterface, session_id: str, reason: str = "requested") -
     return db.collection(SESSIONS).update(
         session_id, {"$set": {"control.pause": True, "control.reason": reason, "control.at": time.time()}}
     )
+
+
+def session_not_found(db: DBInterface, session_id: str) -> SessionNotFound:
+    """The error for a session id ``db`` holds no record of, naming the database and the ids most like it."""
+    ids = [doc["_id"] for doc in db.collection(SESSIONS).load({"kind": "session"}, projection=["_id"], limit=10_000)]
+    close = difflib.get_close_matches(session_id, ids, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else f" ({len(ids)} sessions there)"
+    return SessionNotFound(session_id, db.url, hint)
 
 
 def pause_request(record: Mapping[str, Any] | None) -> str | None:

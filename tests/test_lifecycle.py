@@ -11,6 +11,7 @@ from ptutils.checkpoint import CheckpointStore
 from ptutils.errors import (
     BackendUnavailableError,
     SessionError,
+    SessionNotFound,
     StorageError,
     TransitionError,
 )
@@ -174,6 +175,23 @@ def test_attach_to_existing_record_by_id(url):
     s.run()
     again = session(url, session_id=s.id)
     assert again.state == "paused" and again.step == 4 and again.stage == "train"
+
+
+def test_must_exist_refuses_an_unknown_id_naming_it_and_the_database(url):
+    s = session(url)
+    typo = s.id[:-1] + ("x" if s.id[-1] != "x" else "y")
+    with pytest.raises(SessionNotFound) as err:
+        session(url, session_id=typo, must_exist=True)
+    assert repr(typo) in str(err.value) and url in str(err.value) and f"did you mean {s.id!r}" in str(err.value)
+    with pytest.raises(SessionNotFound, match="no session with id 'nothing-like-it'"):
+        Session.resume(url, "nothing-like-it")
+    assert not open_db(url).collection("sessions").exists(typo)
+
+
+def test_resume_refuses_a_session_built_in_code_saying_how_to_resume_it(url):
+    s = session(url, updates=[every_n_steps(4, "pause")]).run()
+    with pytest.raises(SessionError, match=f"session_id={s.id!r}, must_exist=True"):
+        Session.resume(url, s.id)
 
 
 def test_attach_refuses_a_session_running_elsewhere(url):
