@@ -473,7 +473,7 @@ def _list_index(items: list, part: str, where: str, key: str) -> int:
 
 def _tree(value: Any) -> Any:
     """The config as nested dicts and lists (copies), Python objects kept as they are."""
-    if attrs.has(type(value)):
+    if isinstance(value, (Config, ModelConfig, StageConfig, CheckpointConfig)):
         return {f.name: _tree(getattr(value, f.name)) for f in attrs.fields(type(value))}
     if isinstance(value, Mapping):
         return {k: _tree(v) for k, v in value.items()}

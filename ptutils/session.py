@@ -308,6 +308,7 @@ class Session:
         arguments a config does not hold (``queue``, ``start_conditions`` ...).
         A session built from Python objects has no rebuildable config: build it
         again as before with ``Session(..., session_id=ID, must_exist=True)``.
+        On a session object, ``session.resume()`` is the trigger paused -> running.
         """
         probe = db if isinstance(db, DBInterface) else open_db(db)
         try:

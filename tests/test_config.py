@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import attrs
 import pytest
 import torch
 
@@ -177,6 +178,15 @@ def test_overrides_vary_fields_by_dotted_path(tmp_path):
     assert BASE["model"]["optimizer"]["lr"] == 0.1  # the config given is not changed
     cfg = Config.from_dict(BASE)
     assert cfg.with_overrides({"stages[0].max_epochs": 5}) == cfg.with_overrides({"stages.0.max_epochs": 5})
+    provider = AttrsProvider()
+    assert Config.from_dict({**BASE, "data": provider}).with_overrides({"seed": 4}).data is provider
+
+
+@attrs.define
+class AttrsProvider:
+    """A Python object as a config part (an attrs class, like the config's own parts): kept as it is."""
+
+    batch_size: int = 16
 
 
 @pytest.mark.parametrize(
