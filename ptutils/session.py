@@ -65,7 +65,7 @@ def _checkpoint_summary(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class _ClassOrInstance:
-    """One name, two verbs: ``Session.resume(db, id)`` rebuilds a stored session, ``session.resume()`` is the trigger."""
+    """One name, two verbs: ``Session.resume(db, id)`` rebuilds a stored session; ``session.resume()`` is a trigger."""
 
     def __init__(self, on_class: classmethod, on_instance: Callable):
         self._on_class = on_class

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
+
 import pytest
 
 from ptutils.config import Config
@@ -68,6 +71,28 @@ def test_a_new_lr_asked_for_is_applied_after_the_restore_and_recorded(url, tmp_p
     assert change["step"] == 4 and change["attempt"] == 1 and change["stage"] == "train"
     assert change["fields"] == [{"field": "model.optimizer.lr", "from": 0.1, "to": 0.05}]
     assert [e["fields"] for e in resumed.events("config_change")] == [change["fields"]]
+
+
+def _crash_after_step_7(url: str) -> None:
+    def crash(session: Session) -> Session:
+        if session.step == 7:
+            os._exit(17)  # no cleanup, no final status write: like SIGKILL
+        return session
+
+    Session.from_config(BASE, db=url, session_id="crashy", updates=[crash]).run()
+
+
+def test_an_interrupted_run_takes_the_new_lr_at_the_step_it_goes_back_to(url):
+    proc = mp.get_context("spawn").Process(target=_crash_after_step_7, args=(url,))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 17
+    resumed = Session.resume(url, "crashy", overrides={"model.optimizer.lr": 0.05})
+    assert resumed.state == "paused" and resumed.record["interrupted"] is True
+    resumed.run()
+    restored = resumed.events("resume")[0]["restored_step"]
+    [change] = resumed.record["config_changes"]
+    assert change["step"] == restored and restored <= 7 and resumed.model.lr == 0.05
 
 
 def test_more_epochs_asked_for_extend_the_stage(url):

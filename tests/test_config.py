@@ -160,8 +160,12 @@ def correct_above(outputs: torch.Tensor, targets: torch.Tensor, threshold: float
 
 @pytest.mark.parametrize(
     "metric, field",
-    [("ptutils.model.no_such_metric", "model.metrics.acc"), (5, "model.metrics.acc"),
-     ({"threshold": 0.5}, "model.metrics.acc"), ({"cls": "tests.test_config.correct_above", "limit": 1}, "model.metrics.acc.limit")],
+    [
+        ("ptutils.model.no_such_metric", "model.metrics.acc"),
+        (5, "model.metrics.acc"),
+        ({"threshold": 0.5}, "model.metrics.acc"),
+        ({"cls": "tests.test_config.correct_above", "limit": 1}, "model.metrics.acc.limit"),
+    ],
 )
 def test_a_bad_metric_spec_names_its_field(metric, field):
     with pytest.raises(ConfigError) as err:
