@@ -361,23 +361,33 @@ class Session:
 
     def stop(self) -> bool:
         """End the session early: -> complete with outcome 'stopped'."""
-        self.outcome = "stopped"
-        return self._fire("stop")
+        return self._end("stop", "stopped", self.error)
 
     def complete(self) -> bool:
         """running -> complete with outcome 'success'."""
-        self.outcome = "success"
-        return self._fire("complete")
+        return self._end("complete", "success", self.error)
 
     def fail(self, exc: BaseException) -> bool:
         """-> failed, recording the exception type, message and traceback."""
-        self.error = {
+        error = {
             "type": type(exc).__name__,
             "message": str(exc),
             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         }
-        self.outcome = "failure"
-        return self._fire("fail")
+        return self._end("fail", "failure", error)
+
+    def _end(self, trigger: str, outcome: str, error: dict[str, Any] | None) -> bool:
+        """Fire an ending trigger with the outcome (and error) its record will show; kept only if it happens."""
+        before = self.outcome, self.error
+        self.outcome, self.error = outcome, error
+        try:
+            ended = self._fire(trigger)
+        except BaseException:
+            self.outcome, self.error = before
+            raise
+        if not ended:
+            self.outcome, self.error = before
+        return ended
 
     def restart(self) -> bool:
         """complete|failed -> pending as a new attempt (history kept, weights reset to the start)."""

@@ -243,3 +243,20 @@ def test_wait_to_start_gives_up_after_timeout(url):
     assert time.monotonic() - t0 < 5
     first.start()
     assert second.wait_to_start(poll=0.05, timeout=5) is True and second.state == "running"
+
+
+def test_a_refused_complete_leaves_the_outcome_as_the_record_has_it(url):
+    s = session(url)
+    s.start()
+    s.pause()
+    with pytest.raises(TransitionError, match="complete"):
+        s.complete()  # a paused session cannot complete
+    assert s.outcome is None and s.record["outcome"] is None
+
+
+@pytest.mark.parametrize("end", ["stop", "fail"])
+def test_a_refused_ending_keeps_the_outcome_and_error_of_the_completed_run(url, end):
+    s = session(url, stages=[{"name": "train", "data": "train", "max_steps": 2}]).run()
+    with pytest.raises(TransitionError, match=end):
+        s.stop() if end == "stop" else s.fail(RuntimeError("too late"))
+    assert (s.outcome, s.error) == ("success", None) == (s.record["outcome"], s.record["error"])
