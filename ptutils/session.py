@@ -72,11 +72,16 @@ class Session:
     process); otherwise a new id is made from ``name``.  ``checkpoint_db``
     keeps checkpoints apart from the records (e.g. records on a server,
     checkpoints in a local directory).
+
+    A session that trains nothing itself (a parent that only holds children)
+    takes ``model=None``: it has the same lifecycle and record, no checkpoints
+    and no loop; drive it with :meth:`start`, :meth:`heartbeat`, :meth:`pause`,
+    :meth:`resume` and :meth:`complete`.
     """
 
     def __init__(
         self,
-        model: Model,
+        model: Model | None,
         data: DataProvider | None = None,
         *,
         stages: Sequence[Stage | Mapping[str, Any] | str] = ("train",),
@@ -99,8 +104,9 @@ class Session:
         config: Config | None = None,
         metadata: Mapping[str, Any] | None = None,
     ):
-        if not isinstance(model, Model):
-            raise SessionError(f"model must be a ptutils.model.Model, got {type(model).__name__}")
+        if model is not None and not isinstance(model, Model):
+            raise SessionError(f"model must be a ptutils.model.Model (or None for a session that trains nothing), "
+                               f"got {type(model).__name__}")
         self.model = model
         self.data = data
         self.name = name
@@ -117,7 +123,8 @@ class Session:
             raise SessionError("a session needs at least one stage")
         self.stage_transitions: list[StageTransition] = parse_transitions(transitions, list(self.stages))
         self.updates: list[Update] = list(updates)
-        self.model.track_grad_norm = any(getattr(u, "needs_grad_norm", False) for u in self.updates)
+        if model is not None:
+            model.track_grad_norm = any(getattr(u, "needs_grad_norm", False) for u in self.updates)
         self.checkpoint_every_steps = checkpoint_every_steps
         self.checkpoint_every_epochs = checkpoint_every_epochs
         self.outage_pause_after = outage_pause_after
@@ -241,7 +248,7 @@ class Session:
         self.outcome = record.get("outcome")
         self.error = record.get("error")
         state = take_over(record, self._status, self.log_event)
-        self._needs_restore = state == "paused"
+        self._needs_restore = state == "paused" and self.model is not None  # without a model there is nothing to restore
         return state
 
     # ------------------------------------------------------------------ state
@@ -448,6 +455,8 @@ class Session:
 
     def _checkpoint_for(self, reason: str) -> None:
         """The checkpoint a state change records (``pause``, ``final``), written through an outage."""
+        if self.model is None:
+            return
         self._through_outage(lambda: self.save_checkpoint(reason=reason, pinned=reason == "final"),
                              f"write the {reason} checkpoint")
 
@@ -455,11 +464,13 @@ class Session:
         """Whether the newest checkpoint holds the state now."""
         return self._checkpointed_at == self.position.mark()
 
-    def _begin_attempt(self) -> tuple[memoryview, dict[str, Any]]:
-        """Seed, set the first stage up and snapshot the initial state (its checkpoint and info)."""
+    def _begin_attempt(self) -> tuple[memoryview, dict[str, Any]] | None:
+        """Seed, set the first stage up and snapshot the initial state (its checkpoint and info; None without a model)."""
         seed_everything(self.seed)
         self._setup_stage(self.stage)
         self.drain()
+        if self.model is None:
+            return None
         return serialize(self.state_dict()), self._checkpoint_info("initial", pinned=True)
 
     def _record_start(self, change: StateChange) -> None:
@@ -644,6 +655,9 @@ class Session:
         An exception from a step or an update moves the session to ``failed``
         with its traceback recorded, then propagates.
         """
+        if self.model is None:
+            raise SessionError(f"session {self.id!r} has no model, so it has no loop to run: "
+                               "drive it with start(), heartbeat() and complete()")
         if self.state == "pending":
             if not self._fire("start"):
                 return self
@@ -816,8 +830,8 @@ class Session:
 
         Uses no global randomness, so evaluating does not change the training run.
         """
-        if self.data is None:
-            raise SessionError("evaluate() needs a DataProvider")
+        if self.data is None or self.model is None:
+            raise SessionError("evaluate() needs a model and a DataProvider")
         loader = self.data.get_dataloader(request)
         pos = self.position
         saved_sums, saved_count = pos.eval_sums, pos.eval_count
@@ -870,6 +884,15 @@ class Session:
         self._hb = self._writer.submit(
             self._status.heartbeat, self._progress_fields(), self.stage_step, self.stage_total(self.current_stage)
         )
+
+    def heartbeat(self) -> dict:
+        """Write the record's progress and heartbeat now: a session without a loop shows it is alive this way.
+
+        Returns the record; a pause requested through it (``request_pause``) is for
+        the caller to honour.
+        """
+        self._writer.await_ahead()
+        return self._status.write(self._progress_fields())
 
     def close(self) -> None:
         """Flush buffered events and close the databases this session opened from URLs."""
