@@ -60,6 +60,14 @@ class NotFoundError(StorageError, KeyError):
         return str(self.args[0])
 
 
+class SessionNotFound(NotFoundError):
+    """No session record has the given id in the database given (``url``)."""
+
+    def __init__(self, session_id: str, url: str):
+        self.url = url
+        super().__init__("session", session_id, url)
+
+
 class InvalidIdError(StorageError, ValueError):
     """An id or collection name is malformed or could escape the storage root."""
 

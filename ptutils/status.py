@@ -34,8 +34,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .conditions import db_reachable  # noqa: F401  (imported from here before conditions.py)
-from .database import DBInterface
-from .errors import NotFoundError, StorageError
+from .database import DBInterface, opened
+from .errors import NotFoundError, SessionNotFound, StorageError
 from .outage import OutageClock
 
 log = logging.getLogger("ptutils")
@@ -80,11 +80,18 @@ def describe(record: Mapping[str, Any], now: float | None = None) -> str:
     return "interrupted" if is_stale(record, now) else str(record.get("state"))
 
 
-def request_pause(db: DBInterface, session_id: str, reason: str = "requested") -> dict:
-    """Ask a running session (in any process) to checkpoint and pause at its next heartbeat."""
-    return db.collection(SESSIONS).update(
-        session_id, {"$set": {"control.pause": True, "control.reason": reason, "control.at": time.time()}}
-    )
+def request_pause(db: DBInterface | str, session_id: str, reason: str = "requested") -> dict:
+    """Ask a running session (in any process) to checkpoint and pause at its next heartbeat.
+
+    ``db`` is a DBInterface or a database URL, as for a Session; SessionNotFound if it holds no such session.
+    """
+    with opened(db) as interface:
+        try:
+            return interface.collection(SESSIONS).update(
+                session_id, {"$set": {"control.pause": True, "control.reason": reason, "control.at": time.time()}}
+            )
+        except NotFoundError:
+            raise SessionNotFound(session_id, interface.url) from None
 
 
 def pause_request(record: Mapping[str, Any] | None) -> str | None:
@@ -153,6 +160,11 @@ def steps_allowed(max_steps: int | None, max_epochs: int | None, loader_len: int
     return min(totals) if totals else None
 
 
+def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numeric metrics: what a record (or a checkpoint's record) stores of them."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
 def progress_fields(
     position: Any,
     *,
@@ -176,7 +188,7 @@ def progress_fields(
         "batch_in_epoch": position.batch_in_epoch,
         "stage_progress": 1.0 if done else stage_progress,
         "progress": progress,
-        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+        "metrics": finite_metrics(metrics),
         **({"last_checkpoint": dict(last_checkpoint)} if last_checkpoint is not None else {}),
     }
 
