@@ -39,8 +39,17 @@ from .lifecycle import Admission, Lifecycle, StateChange, take_over
 from .model import Model
 from .outage import OutageClock, retry_through_outage
 from .position import LoopPosition, capture, restore, resume_from, stages_to_replay
+from .records import load_model
 from .stages import LIFECYCLE, SEP, STAGE_DONE, Stage, StageTransition, parse_transitions
-from .status import StatusWriter, archive_attempt, initial_record, pause_request, progress_fields, steps_allowed
+from .status import (
+    StatusWriter,
+    archive_attempt,
+    finite_metrics,
+    initial_record,
+    pause_request,
+    progress_fields,
+    steps_allowed,
+)
 from .update import Update
 from .writer import BackgroundWriter
 
@@ -71,7 +80,9 @@ class Session:
     Give ``session_id`` to attach to an existing record (resume in a new
     process); otherwise a new id is made from ``name``.  ``checkpoint_db``
     keeps checkpoints apart from the records (e.g. records on a server,
-    checkpoints in a local directory).
+    checkpoints in a local directory).  ``keep_best="val_loss"`` (``best_mode``
+    ``"min"`` or ``"max"``) keeps the best checkpoint by that metric beside the
+    last ``keep_checkpoints``.
 
     A session that trains nothing itself (a parent that only holds children)
     takes ``model=None``: it has the same lifecycle and record, no checkpoints
@@ -95,6 +106,8 @@ class Session:
         checkpoint_every_steps: int | None = None,
         checkpoint_every_epochs: int | None = 1,
         keep_checkpoints: int = 3,
+        keep_best: str | None = None,
+        best_mode: str = "min",
         status_interval: float = 2.0,
         start_conditions: Sequence[Callable[[Session], bool]] = (),
         queue: str | None = None,
@@ -140,7 +153,8 @@ class Session:
         self._status = StatusWriter(self.db, self.id, interval=status_interval, outage=self._outage)
         self._writer = BackgroundWriter(self.id, self._outage)
         self.checkpoints = CheckpointStore(
-            ckpt_db, self.id, keep=keep_checkpoints, on_warning=lambda m: self.log_event("warning", message=m)
+            ckpt_db, self.id, keep=keep_checkpoints, keep_best=keep_best, best_mode=best_mode,
+            on_warning=lambda m: self.log_event("warning", message=m),
         )
         self._admission = Admission(self._status, self.id, queue, start_conditions)
 
@@ -228,12 +242,23 @@ class Session:
             checkpoint_every_steps=cfg.checkpoint.every_steps,
             checkpoint_every_epochs=cfg.checkpoint.every_epochs,
             keep_checkpoints=cfg.checkpoint.keep,
+            keep_best=cfg.checkpoint.keep_best,
+            best_mode=cfg.checkpoint.best_mode,
             status_interval=cfg.status_interval,
             config=cfg,
             metadata=cfg.metadata,
         )
         kwargs.update(overrides)
         return cls(model, data, session_id=session_id, **kwargs)
+
+    @classmethod
+    def load(cls, db: DBInterface | str, session_id: str, *, model: Model | torch.nn.Module | None = None,
+             checkpoint: str | int = "last", checkpoint_db: DBInterface | str | None = None) -> Model | torch.nn.Module:
+        """The model of a stored session with its ``"last"``, ``"best"`` or a step's checkpoint weights; no training.
+
+        Built from the config in the record, or pass ``model=`` (see :func:`ptutils.records.load_model`).
+        """
+        return load_model(db, session_id, model=model, checkpoint=checkpoint, checkpoint_db=checkpoint_db)
 
     def _take_over(self, record: dict[str, Any]) -> str:
         """Continue an existing record: its name, counters and outcome, and the state to go on from."""
@@ -592,7 +617,8 @@ class Session:
         pos = self.position
         self._checkpointed_at = pos.mark()
         return dict(pinned=pinned, attempt=pos.attempt, step=pos.step, stage=pos.stage,
-                    stage_epoch=pos.stage_epoch, batch_in_epoch=pos.batch_in_epoch, reason=reason)
+                    stage_epoch=pos.stage_epoch, batch_in_epoch=pos.batch_in_epoch, reason=reason,
+                    metrics=finite_metrics(self.metrics))
 
     def _write_checkpoint(self, data: BlobData, info: dict[str, Any], *, events_first: bool = True) -> dict:
         """Write a checkpoint; buffered events go first, as a resume starts after this checkpoint.
