@@ -264,22 +264,33 @@ def _better(ranked: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
     return ranked["value"] <= than["value"]
 
 
+def _ranking(record: Mapping[str, Any]) -> tuple[str, str, float] | None:
+    """A record's ``best_by`` as (metric, mode, value), or None when it has none (or a garbled one)."""
+    ranked = record.get("best_by")
+    if not isinstance(ranked, Mapping):
+        return None
+    metric, mode, value = ranked.get("metric"), ranked.get("mode"), ranked.get("value")
+    if not isinstance(metric, str) or mode not in BEST_MODES or not isinstance(value, (int, float)):
+        return None
+    return (metric, mode, float(value)) if math.isfinite(value) else None
+
+
 def best_checkpoint(records: Sequence[Mapping[str, Any]], rule: tuple[str, str] | None = None) -> dict | None:
     """The best of checkpoint ``records`` (newest first) by the ``keep_best`` ranking each holds, or None.
 
     Only records ranked by ``rule`` (metric, mode) compete; by default, the newest ranked record's.
     """
-    ranked = [r for r in records if isinstance(r.get("best_by"), Mapping)]
+    ranked = [(r, rank) for r in records if (rank := _ranking(r)) is not None]
     if not ranked:
         return None
-    rule = rule or (ranked[0]["best_by"]["metric"], ranked[0]["best_by"]["mode"])
+    rule = rule or ranked[0][1][:2]
     best = None
-    for record in reversed(ranked):  # oldest first, so that a tie goes to the newer
-        if (record["best_by"]["metric"], record["best_by"]["mode"]) == rule and (
-            best is None or _better(record["best_by"], best["best_by"])
-        ):
+    for record, (metric, mode, value) in reversed(ranked):  # oldest first, so that a tie goes to the newer
+        if (metric, mode) == rule and (best is None or _better({"mode": mode, "value": value}, best["best_by"])):
             best = record
     return dict(best) if best is not None else None
+
+
 class CheckpointStore:
     """Checkpoints of one session in a DBInterface: save, keep the last ``keep``, load with fallback.
 

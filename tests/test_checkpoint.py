@@ -256,3 +256,15 @@ def test_a_new_best_lets_the_old_one_be_pruned(tmp_path) -> None:
     assert [r["step"] for r in store.records()] == [4, 3]
     with pytest.raises(ValueError, match="best_mode must be 'min' or 'max', got 'lowest'"):
         CheckpointStore(open_db(tmp_path.as_uri()), "s", keep_best="acc", best_mode="lowest")
+
+
+@pytest.mark.parametrize("garbled", ["junk", {"metric": "val_loss", "mode": "min"}, {"metric": 1, "mode": "min", "value": 0.1},
+                                     {"metric": "val_loss", "mode": "low", "value": 0.1}])
+def test_a_garbled_ranking_is_no_best_checkpoint(tmp_path, garbled) -> None:
+    store = CheckpointStore(open_db(tmp_path.as_uri()), "s", keep=1)
+    store.save({"w": torch.zeros(1)}, step=1, best_by=garbled)
+    with pytest.raises(ckpt.CheckpointError, match="ranked no checkpoint"):
+        store.find("best")
+    ranked = CheckpointStore(open_db(tmp_path.as_uri()), "s", keep=1, keep_best="val_loss")  # a new process
+    ranked.save({"w": torch.ones(1)}, step=2, metrics={"val_loss": 0.5})
+    assert ranked.find("best")["step"] == 2
