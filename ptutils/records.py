@@ -98,7 +98,8 @@ def _state_filter(state: str, now: float) -> tuple[dict[str, Any], Callable[[Map
     shortest = stale_after(0.0)
     cutoff = now - shortest
     if state == "running":
-        query = {"state": "running", "$or": [{"heartbeat": {"$gte": cutoff}}, {"status_interval": {"$gt": shortest / 5}}]}
+        fresh = [{"heartbeat": {"$gte": cutoff}}, {"status_interval": {"$gt": shortest / 5}}]
+        query = {"state": "running", "$or": fresh}
         return query, lambda record: not is_stale(record, now)
     query = {"state": "running", "$or": [{"heartbeat": {"$lt": cutoff}}, {"host": socket.gethostname()}]}
     return query, lambda record: is_stale(record, now)

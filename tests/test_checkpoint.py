@@ -258,8 +258,12 @@ def test_a_new_best_lets_the_old_one_be_pruned(tmp_path) -> None:
         CheckpointStore(open_db(tmp_path.as_uri()), "s", keep_best="acc", best_mode="lowest")
 
 
-@pytest.mark.parametrize("garbled", ["junk", {"metric": "val_loss", "mode": "min"}, {"metric": 1, "mode": "min", "value": 0.1},
-                                     {"metric": "val_loss", "mode": "low", "value": 0.1}])
+@pytest.mark.parametrize("garbled", [
+    "junk",
+    {"metric": "val_loss", "mode": "min"},
+    {"metric": 1, "mode": "min", "value": 0.1},
+    {"metric": "val_loss", "mode": "low", "value": 0.1},
+])
 def test_a_garbled_ranking_is_no_best_checkpoint(tmp_path, garbled) -> None:
     store = CheckpointStore(open_db(tmp_path.as_uri()), "s", keep=1)
     store.save({"w": torch.zeros(1)}, step=1, best_by=garbled)

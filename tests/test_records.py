@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from ptutils.status import SESSIONS
 from ptutils.update import Evaluate
 
 from .support.sessionkit import model, same_weights, session, weights
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def dead_pid() -> int:
@@ -76,18 +79,13 @@ def test_sessions_are_newest_first_and_limit_counts_what_the_filters_keep(db):
 
 
 def test_a_killed_run_is_listed_interrupted_and_not_running(url):
-    script = (
-        "import os, sys\n"
-        "from tests.support.sessionkit import session\n"
-        "s = session(sys.argv[1], name='killed', stages=[{'name': 'train', 'data': 'train', 'max_steps': 10**6}])\n"
-        "s.updates.append(lambda s: (s.record, os.kill(os.getpid(), 9)) if s.step == 5 else s)  # once it says running\n"
-        "s.run()\n"
-    )
-    subprocess.run([sys.executable, "-c", script, url], check=False, timeout=120)
-    [view] = sessions(url, name="killed")
-    assert view.stored_state == "running" and view.state == "interrupted"
+    # SIGKILL at step 10: past its checkpoint at step 3, which waits for the record saying running.
+    subprocess.run([sys.executable, "-m", "tests.support.crashkit", url, "killed", "--kill-at-step", "10"],
+                   cwd=ROOT, capture_output=True, timeout=300, check=False)
+    [view] = sessions(url)
+    assert (view.id, view.stored_state, view.state) == ("killed", "running", "interrupted")
     assert sessions(url, state="running") == []
-    assert [v.id for v in sessions(url, state="interrupted")] == [view.id]
+    assert [v.id for v in sessions(url, state="interrupted")] == ["killed"]
 
 
 def test_archived_attempts_are_not_listed(url):
