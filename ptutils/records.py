@@ -57,6 +57,8 @@ class SessionView:
     created: float | None
     updated: float | None
     outcome: str | None
+    error: Mapping[str, Any] | None
+    """The exception type, message and traceback of a failed session."""
     attempt: int
     host: str | None
     pid: int | None
@@ -76,7 +78,7 @@ class SessionView:
             eta_seconds=record.get("eta_seconds"),
             heartbeat_age=None if heartbeat is None else max(0.0, now - float(heartbeat)),
             parent_id=record.get("parent_id"), created=record.get("created"), updated=record.get("updated"),
-            outcome=record.get("outcome"), attempt=int(record.get("attempt") or 1), host=record.get("host"),
+            outcome=record.get("outcome"), error=record.get("error"), attempt=int(record.get("attempt") or 1), host=record.get("host"),
             pid=record.get("pid"), metrics=dict(record.get("metrics") or {}),
             last_checkpoint=record.get("last_checkpoint"), record=record,
         )

@@ -101,7 +101,7 @@ def test_session_record_shows_one_session_and_names_a_missing_one_with_the_datab
     s.close()
     view = session_record(url, s.id)
     assert (view.state, view.step, view.progress, view.name) == ("complete", 15, 1.0, "tiny")
-    assert view.last_checkpoint["step"] == 15 and view.record["outcome"] == "success"
+    assert view.last_checkpoint["step"] == 15 and view.record["outcome"] == "success" and view.error is None
     with pytest.raises(SessionNotFound, match=rf"no session with id 'typo' in {url}"):
         session_record(url, "typo")
 
