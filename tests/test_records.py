@@ -151,7 +151,7 @@ CONFIG = {
     "name": "from-config",
     "model": {
         "module": {"cls": "torch.nn.Linear", "in_features": 8, "out_features": 2},
-        "optimizer": {"cls": "torch.optim.SGD", "lr": 0.1},
+        "optimizer": {"cls": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9},
         "device": "cpu",
     },
     "data": {"cls": "tests.support.sessionkit.provider"},
@@ -166,7 +166,9 @@ def test_session_load_rebuilds_a_configured_model_with_its_final_weights_and_lea
     loaded = Session.load(url, s.id)
     assert torch.equal(torch.get_rng_state(), rng)
     assert isinstance(loaded, ptutils.Model) and same_weights(weights(s), loaded.module.state_dict())
-    assert loaded.optimizer.state_dict()["state"].keys() == s.model.optimizer.state_dict()["state"].keys()
+    momentum = [state["momentum_buffer"] for state in loaded.optimizer.state_dict()["state"].values()]
+    trained = [state["momentum_buffer"] for state in s.model.optimizer.state_dict()["state"].values()]
+    assert len(momentum) == 2 and all(torch.equal(a, b) for a, b in zip(momentum, trained))
     initial = Session.load(url, s.id, checkpoint=0)
     assert not same_weights(weights(s), initial.module.state_dict())
 
@@ -180,3 +182,15 @@ def test_session_load_without_a_config_takes_the_model_and_says_so_when_none_is_
     assert Session.load(url, s.id, model=module) is module and same_weights(module.state_dict(), weights(s))
     with pytest.raises(SessionError, match="does not fit the model"):
         Session.load(url, s.id, model=torch.nn.Linear(8, 2))
+
+
+def test_weights_are_found_where_the_config_kept_the_checkpoints_or_where_told(url, tmp_path):
+    apart = (tmp_path / "checkpoints").as_uri()
+    s = Session.from_config(Config.from_dict({**CONFIG, "checkpoint": {"db": apart}}), db=url).run()
+    s.close()
+    assert same_weights(load_weights(url, s.id), weights(s))
+    other = session(url, checkpoint_db=(tmp_path / "elsewhere").as_uri()).run()
+    other.close()
+    with pytest.raises(CheckpointError, match=rf"no readable checkpoint in {url}"):
+        load_weights(url, other.id)
+    assert same_weights(load_weights(url, other.id, checkpoint_db=(tmp_path / "elsewhere").as_uri()), weights(other))
