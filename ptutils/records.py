@@ -209,6 +209,7 @@ def load_model(db: DBInterface | str, session_id: str, *, model: Model | nn.Modu
     """
     with opened(db) as interface:
         view = session_record(interface, session_id)
+        state = _checkpoint_state(interface, view, checkpoint, checkpoint_db)["model"]
         if model is None:
             if not view.record.get("config"):
                 raise SessionError(
@@ -219,7 +220,6 @@ def load_model(db: DBInterface | str, session_id: str, *, model: Model | nn.Modu
                 model = Model.from_config(Config.from_dict(view.record["config"]).model)
         elif not isinstance(model, (Model, nn.Module)):
             raise SessionError(f"model must be a ptutils Model or a torch.nn.Module, got {type(model).__name__}")
-        state = _checkpoint_state(interface, view, checkpoint, checkpoint_db)["model"]
     try:
         if isinstance(model, Model):
             model.load_state_dict(state)

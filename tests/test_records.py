@@ -194,3 +194,11 @@ def test_weights_are_found_where_the_config_kept_the_checkpoints_or_where_told(u
     with pytest.raises(CheckpointError, match=rf"no readable checkpoint in {url}"):
         load_weights(url, other.id)
     assert same_weights(load_weights(url, other.id, checkpoint_db=(tmp_path / "elsewhere").as_uri()), weights(other))
+
+
+def test_a_session_that_trained_nothing_has_no_weights_to_load(url):
+    parent = Session(None, db=url, name="tuner")
+    assert parent.start() and parent.complete()
+    parent.close()
+    with pytest.raises(CheckpointError, match=rf"session '{parent.id}' has no readable checkpoint in {url}"):
+        Session.load(url, parent.id)
