@@ -78,8 +78,8 @@ class SessionView:
             eta_seconds=record.get("eta_seconds"),
             heartbeat_age=None if heartbeat is None else max(0.0, now - float(heartbeat)),
             parent_id=record.get("parent_id"), created=record.get("created"), updated=record.get("updated"),
-            outcome=record.get("outcome"), error=record.get("error"), attempt=int(record.get("attempt") or 1), host=record.get("host"),
-            pid=record.get("pid"), metrics=dict(record.get("metrics") or {}),
+            outcome=record.get("outcome"), error=record.get("error"), attempt=int(record.get("attempt") or 1),
+            host=record.get("host"), pid=record.get("pid"), metrics=dict(record.get("metrics") or {}),
             last_checkpoint=record.get("last_checkpoint"), record=record,
         )
 
@@ -139,6 +139,8 @@ def sessions(
     listed.  The filters run in the database; the liveness of ``running``
     records is checked here.
     """
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
     now = time.time()
     query: dict[str, Any] = {"kind": "session"}
     checks: list[Callable[[Mapping[str, Any]], bool]] = []

@@ -106,9 +106,11 @@ def test_session_record_shows_one_session_and_names_a_missing_one_with_the_datab
         session_record(url, "typo")
 
 
-def test_an_unknown_state_is_refused_naming_the_states():
+def test_an_unknown_state_or_a_bad_limit_is_refused_naming_what_is_allowed():
     with pytest.raises(ValueError, match="unknown session state 'done'; choose from pending, running"):
         sessions("file:///nonexistent", state="done")
+    with pytest.raises(ValueError, match="limit must be a non-negative int or None, got -1"):
+        sessions("file:///nonexistent", state="running", limit=-1)
 
 
 def trained_with_snapshots(url: str, **kwargs) -> tuple[Session, dict[int, dict[str, torch.Tensor]]]:
