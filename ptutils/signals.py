@@ -61,11 +61,6 @@ class PauseOnSignals:
         self.received: str | None = None
         """The name of the first signal received while entered (``"SIGINT"``), or None."""
 
-    @property
-    def installed(self) -> bool:
-        """Whether the handlers are in place (entered, in the main thread)."""
-        return bool(self._previous)
-
     def __enter__(self) -> PauseOnSignals:
         if threading.current_thread() is not threading.main_thread():
             return self
