@@ -35,11 +35,12 @@ from .config import Config, build
 from .data import DataProvider
 from .database import BlobData, DBInterface, backend_for, check_id, open_db
 from .errors import BackendUnavailableError, CheckpointError, ConfigError, SessionError, StorageError, TransitionError
-from .lifecycle import Admission, Lifecycle, StateChange, take_over
+from .lifecycle import Admission, Lifecycle, StateChange, mark_interrupted, take_over
 from .model import Model
 from .outage import OutageClock, retry_through_outage
 from .position import LoopPosition, capture, restore, resume_from, stages_to_replay
 from .records import load_model
+from .signals import PauseOnSignals, abort_reason
 from .stages import LIFECYCLE, SEP, STAGE_DONE, Stage, StageTransition, parse_transitions
 from .status import (
     StatusWriter,
@@ -679,7 +680,11 @@ class Session:
         """Run (or resume) until the session is complete, failed or paused; returns self.
 
         An exception from a step or an update moves the session to ``failed``
-        with its traceback recorded, then propagates.
+        with its traceback recorded, then propagates.  Ctrl-C or SIGTERM (in the
+        main thread, see :mod:`ptutils.signals`) pauses at the next step boundary,
+        then raises :class:`~ptutils.errors.Interrupted`; a second one, or a
+        KeyboardInterrupt or SystemExit from elsewhere, stops at once and leaves
+        the session paused (interrupted), to resume from its newest checkpoint.
         """
         if self.model is None:
             raise SessionError(f"session {self.id!r} has no model, so it has no loop to run: "
@@ -693,12 +698,17 @@ class Session:
             self.resume()
         elif self.state != "running":
             raise TransitionError("run", self.state, "restart() it first")
+        signals = PauseOnSignals(self)
         try:
-            self._loop()
-            self.drain()
+            with signals:
+                self._loop()
+                self.drain()
         except BaseException as exc:
             if exc is self._start_error:
                 pass  # the start was undone: the session is pending, as its record says
+            elif not isinstance(exc, Exception):
+                if self.is_running:
+                    self._abort(exc)
             elif isinstance(exc, BackendUnavailableError):
                 log.error("session %s stopped: the database stayed unreachable: %s", self.id, exc)
             elif self.state in ("running", "paused", "pending"):
@@ -707,7 +717,29 @@ class Session:
                 except StorageError as store_exc:
                     log.error("session %s failed (%s) and the failure could not be recorded: %s", self.id, exc, store_exc)
             raise
+        signals.raise_if_paused()
         return self
+
+    def _abort(self, exc: BaseException) -> None:
+        """Stop at once, between checkpoints: record paused (interrupted), as a crash is taken over.
+
+        No checkpoint is written; writes already queued land first, so the
+        record names the newest checkpoint, which the next ``run()`` resumes from.
+        """
+        try:
+            self.drain(raise_errors=False)
+        except Exception:
+            return  # the start could not be recorded and was undone: pending, as its record says
+        self._pause_requested = None
+        self._hb = None
+        self._lifecycle.set_state("paused")
+        self._needs_restore = True
+        reason = abort_reason(exc, self.step)
+        try:
+            mark_interrupted(self._status, self.log_event, reason, eta_seconds=None, last_checkpoint=self._checkpointed)
+        except StorageError as store_exc:  # the record still says running: stale, it reads as interrupted
+            log.error("session %s: %s, and the abort could not be recorded: %s", self.id, reason, store_exc)
+        self._status.end_run()
 
     def _get_loader(self) -> Any:
         if self._loader is not None:
@@ -745,6 +777,7 @@ class Session:
         pos = self.position
         model = self.model
         while self.is_running:
+            self._course_changed = False  # before the check: a request from a signal handler is never lost
             if self._pause_requested is not None:
                 reason, self._pause_requested = self._pause_requested, None
                 self.pause(reason=reason)
@@ -754,7 +787,6 @@ class Session:
                 self._finish_stage()
                 continue
             loader = self._get_loader()
-            self._course_changed = False
             train = stage.mode == "train"
             step_fn = model.train_step if train else self._eval_batch
             polled = self._polled[stage.name]

@@ -365,6 +365,15 @@ class StatusWriter:
                 self.events.delete(doc["_id"])
         return dropped
 
+    def end_run(self) -> None:
+        """Count the events logged so far as an ended run's, as if another process had logged them.
+
+        After a run aborted between checkpoints, a resume in the same process
+        then drops its stored events past the checkpoint (:meth:`drop_stored_after`).
+        """
+        self.try_flush()
+        self._token = uuid.uuid4().hex[:8]
+
     def try_flush(self) -> None:
         """Flush, counting a failure as an outage: the events stay buffered for the next write."""
         try:
