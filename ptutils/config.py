@@ -259,6 +259,15 @@ class CheckpointConfig:
         default=1, validator=_typed("checkpoint.every_epochs", int, optional=True, positive=True)
     )
     keep: int = attrs.field(default=3, validator=_typed("checkpoint.keep", int, positive=True))
+    keep_best: str | None = attrs.field(default=None, validator=_typed("checkpoint.keep_best", str, optional=True))
+    """A metric (e.g. ``val_loss``) whose best checkpoint is kept beside the last ``keep``."""
+    best_mode: str = attrs.field(default="min", validator=_typed("checkpoint.best_mode", str))
+    """``"min"`` (the lowest ``keep_best`` value is best) or ``"max"``."""
+
+    @best_mode.validator
+    def _check_best_mode(self, _attr: attrs.Attribute, value: str) -> None:
+        if value not in ("min", "max"):
+            raise ConfigError("checkpoint.best_mode", f"expected 'min' or 'max', got {value!r}")
     db: str | None = attrs.field(default=None, validator=_typed("checkpoint.db", str, optional=True))
 
 

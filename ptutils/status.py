@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .conditions import db_reachable  # noqa: F401  (imported from here before conditions.py)
-from .database import DBInterface
+from .database import DBInterface, opened
 from .errors import NotFoundError, SessionNotFound, StorageError
 from .outage import OutageClock
 
@@ -81,11 +81,18 @@ def describe(record: Mapping[str, Any], now: float | None = None) -> str:
     return "interrupted" if is_stale(record, now) else str(record.get("state"))
 
 
-def request_pause(db: DBInterface, session_id: str, reason: str = "requested") -> dict:
-    """Ask a running session (in any process) to checkpoint and pause at its next heartbeat."""
-    return db.collection(SESSIONS).update(
-        session_id, {"$set": {"control.pause": True, "control.reason": reason, "control.at": time.time()}}
-    )
+def request_pause(db: DBInterface | str, session_id: str, reason: str = "requested") -> dict:
+    """Ask a running session (in any process) to checkpoint and pause at its next heartbeat.
+
+    ``db`` is a DBInterface or a database URL, as for a Session; SessionNotFound if it holds no such session.
+    """
+    with opened(db) as interface:
+        try:
+            return interface.collection(SESSIONS).update(
+                session_id, {"$set": {"control.pause": True, "control.reason": reason, "control.at": time.time()}}
+            )
+        except NotFoundError:
+            raise session_not_found(interface, session_id) from None
 
 
 def session_not_found(db: DBInterface, session_id: str) -> SessionNotFound:
@@ -162,6 +169,11 @@ def steps_allowed(max_steps: int | None, max_epochs: int | None, loader_len: int
     return min(totals) if totals else None
 
 
+def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numeric metrics: what a record (or a checkpoint's record) stores of them."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
 def progress_fields(
     position: Any,
     *,
@@ -185,7 +197,7 @@ def progress_fields(
         "batch_in_epoch": position.batch_in_epoch,
         "stage_progress": 1.0 if done else stage_progress,
         "progress": progress,
-        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+        "metrics": finite_metrics(metrics),
         **({"last_checkpoint": dict(last_checkpoint)} if last_checkpoint is not None else {}),
     }
 
@@ -361,6 +373,15 @@ class StatusWriter:
             else:
                 self.events.delete(doc["_id"])
         return dropped
+
+    def end_run(self) -> None:
+        """Count the events logged so far as an ended run's, as if another process had logged them.
+
+        After a run aborted between checkpoints, a resume in the same process
+        then drops its stored events past the checkpoint (:meth:`drop_stored_after`).
+        """
+        self.try_flush()
+        self._token = uuid.uuid4().hex[:8]
 
     def try_flush(self) -> None:
         """Flush, counting a failure as an outage: the events stay buffered for the next write."""

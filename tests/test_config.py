@@ -48,6 +48,8 @@ def with_change(path: str, value):
         ("status_interval", -1.0, "status_interval"),
         ("checkpoint.keep", 0, "checkpoint.keep"),
         ("checkpoint.every_steps", "often", "checkpoint.every_steps"),
+        ("checkpoint.keep_best", 3, "checkpoint.keep_best"),
+        ("checkpoint.best_mode", "lowest", "checkpoint.best_mode"),
         ("model.device", 0, "model.device"),
         ("model.optimizer", {"lr": 0.1}, "model.optimizer"),
         ("model.grad_clip", True, "model.grad_clip"),
