@@ -21,10 +21,12 @@ def block(marker: str) -> str:
     return found[0]
 
 
-QUICKSTART = block("session.run()")
+QUICKSTART = block("except Interrupted as exc:")
 STORAGE = block('open_db("mongodb://')
 DATA = block("HDF5Reader(")
 SUITE = block("BackendSuite")
+RESUMING = block("Session.resume(cfg.db")
+FINDING = block('keep_best="val_loss", db=db')
 
 
 def run_block(code: str) -> dict:
@@ -40,6 +42,8 @@ def test_quickstart_runs_and_moves_through_both_stages(tmp_path):
     assert session.state == "complete"
     assert [h["stage"] for h in session.record["stage_history"]] == ["train", "test"]
     assert session.metrics["test_accuracy"] > 0.9
+    assert torch.equal(ns["linear"].weight, session.model.module.weight.cpu())  # Session.load: the final weights
+    assert ns["view"].id == session.id and ns["view"].state == "complete"        # the listing's newest session
 
 
 def test_storage_example_round_trips(db_url):
@@ -77,3 +81,20 @@ def test_the_conformance_suite_example_runs_the_shipped_suite(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     passed = re.search(r"(\d+) passed", result.stdout)
     assert passed and int(passed.group(1)) >= 10 and "failed" not in result.stdout
+
+
+def test_resuming_refuses_a_typo_and_an_edited_config_and_applies_overrides(tmp_path, capsys):
+    ns = run_block(RESUMING.replace("file:///tmp/ptutils-resume", tmp_path.as_uri()))
+    session, out = ns["session"], capsys.readouterr().out
+    assert "no session with id" in out and "did you mean" in out
+    assert "stages[0].max_epochs: 2 -> 4" in out
+    assert (session.state, session.step, session.model.lr) == ("complete", 32, 0.01)
+    assert session.record["config_changes"][0]["step"] == 12
+
+
+def test_finding_lists_sessions_and_gives_the_weights_back(tmp_path):
+    ns = run_block(FINDING.replace("file:///tmp/ptutils-finding", tmp_path.as_uri()))
+    session = ns["session"]
+    assert ns["view"].id == session.id and ns["view"].state == "complete" and ns["dead"] == []
+    assert torch.equal(ns["module"].weight, session.model.module.weight)
+    assert set(ns["best"]) == {"weight", "bias"}
