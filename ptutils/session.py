@@ -708,6 +708,8 @@ class Session:
         return True
 
     def _finish_stage(self) -> None:
+        if self.position.batch_in_epoch:  # the budget ended an epoch part-way: its steps' means still count
+            self._store_epoch_metrics(self.current_stage, self.stage_epoch + 1)
         for t in self._stage_done[self.stage]:
             if t.guards_hold(self) and self._fire(STAGE_DONE):
                 return
@@ -782,13 +784,7 @@ class Session:
         pos.stage_epoch += 1
         pos.batch_in_epoch = 0
         epoch = pos.stage_epoch
-        if stage.mode == "eval":
-            values = self._store_eval_metrics(stage.name)
-        else:
-            values = pos.train_means.take(stage.name)
-            self.metrics.update(values)
-        if values:
-            self.log_event("metrics", metrics=values, stage_epoch=epoch)
+        self._store_epoch_metrics(stage, epoch)
         if stage.mode == "train" and self.model.steps_scheduler_every("epoch"):
             self.model.step_scheduler(self.metrics)
         self.event = "epoch"
@@ -803,6 +799,16 @@ class Session:
             self._periodic_checkpoint()
         if self._status.due():
             self._heartbeat()
+
+    def _store_epoch_metrics(self, stage: Stage, epoch: int) -> None:
+        """Store and log the means of the stage's epoch ``epoch``: ``{stage}_loss``, ``{stage}_<metric>``."""
+        if stage.mode == "eval":
+            values = self._store_eval_metrics(stage.name)
+        else:
+            values = self.position.train_means.take(stage.name)
+            self.metrics.update(values)
+        if values:
+            self.log_event("metrics", metrics=values, stage_epoch=epoch)
 
     def _run_updates(self) -> None:
         """Call the updates in order; one that changes course ends this round."""

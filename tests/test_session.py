@@ -344,3 +344,9 @@ def test_a_misspelled_data_name_fails_when_the_session_is_built(url):
     with pytest.raises(ConfigError, match=r"'stages.train.data.batch_size': expected an int >= 1"):
         session(url, stages=[{"name": "train", "data": {"dataset": "train", "batch_size": 0}}])
     assert open_db(url).collection(SESSIONS).load({}) == []  # refused before anything was recorded
+
+
+def test_an_epoch_a_step_budget_ends_part_way_still_records_its_means(url):
+    s = session(url, stages=[{"name": "train", "data": "train", "max_steps": 7}]).run()
+    assert [(p.step, p.epoch) for p in s.metric_history("train_loss")] == [(5, 1), (7, 2)]
+    assert s.metrics["train_loss"] == s.metric_history("train_loss")[-1].value
