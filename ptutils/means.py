@@ -31,7 +31,7 @@ FOLD = 1024
 class EpochMeans:
     """Per-name sums of per-step values over the current epoch; ``values["loss"]`` is appended to by the loop."""
 
-    __slots__ = ("values", "sums", "counts")
+    __slots__ = ("counts", "sums", "values")
 
     def __init__(self) -> None:
         self.values: dict[str, list[torch.Tensor]] = {"loss": []}

@@ -104,7 +104,7 @@ def test_a_step_function_returns_the_targets_for_the_metrics():
     batch = dict_batches(1)[0]
     m.train_step(batch)
     assert m.step_metrics.keys() == {"accuracy"} and 0.0 <= float(m.step_metrics["accuracy"]) <= 1.0
-    loss, values = m.eval_step(batch)
+    _, values = m.eval_step(batch)
     assert values["accuracy"] == accuracy(m.module(batch["features"]), batch["class"])
 
 
