@@ -89,6 +89,7 @@ GRIDFS_CHUNK = 1024 * 1024
 """GridFS chunk size: large chunks mean fewer round trips for checkpoints (each chunk is one BSON document)."""
 DB_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,63}")
 DEFAULT_TIMEOUT_MS = 10_000
+_CONFIGURED_TIMEOUTS = re.compile(r"\s*\(configured timeouts:[^)]*\)")
 
 _NUMBER_TYPES = ["int", "long", "double", "decimal"]
 _DELETE_BATCH = 500
@@ -424,6 +425,13 @@ class MongoInterface(DBInterface):
             f"collection={self.collection_name!r})"
         )
 
+    def _no_server(self, exc: pymongo.errors.ServerSelectionTimeoutError) -> str:
+        """One line for an unreachable server: where, how long it waited, the first error, how to wait less or more."""
+        first = _CONFIGURED_TIMEOUTS.sub("", str(exc).split(", Timeout:", 1)[0])
+        waited = self._shared.client.options.server_selection_timeout
+        return (f"{self._where()}: no MongoDB server answered within {waited:g}s ({first}); "
+                "set how long to wait with ?serverSelectionTimeoutMS=... in the URL")
+
     def _where(self) -> str:
         return f"mongodb://{_hide_password(self._shared.netloc)}/{self.db_name} collection {self.collection_name!r}"
 
@@ -482,7 +490,7 @@ class MongoInterface(DBInterface):
             try:
                 return fn()
             except pymongo.errors.ServerSelectionTimeoutError as exc:
-                raise BackendUnavailableError(f"{self._where()}: no server available ({exc})") from exc
+                raise BackendUnavailableError(self._no_server(exc)) from exc
             except pymongo.errors.ConnectionFailure as exc:
                 if write or attempt >= _READ_RETRIES:
                     note = "; the write may or may not have been applied" if write else ""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from ptutils.data import Dataset, DatasetProvider
+from ptutils.errors import Interrupted
 from ptutils.model import Model, accuracy
 from ptutils.progress import Progress
 from ptutils.readers.hdf5 import HDF5Reader
@@ -112,8 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
         make_dataset(h5)
     db = args.db or (args.out / "db").resolve().as_uri()
     session = build_session(h5, db, args.epochs, args.resume, progress=not args.quiet)
-    signal.signal(signal.SIGINT, lambda *_: session.request_pause(reason="Ctrl-C"))
-    session.run()
+    try:
+        session.run()  # Ctrl-C (or SIGTERM) checkpoints at the next step and pauses; a second Ctrl-C aborts at once
+    except Interrupted as exc:
+        print(exc, file=sys.stderr)
     record = session.record
     summary = {
         "session": session.id,

@@ -47,12 +47,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ptutils import open_db
+from ptutils import session_record
 from ptutils.data import DatasetProvider
-from ptutils.errors import NotFoundError
+from ptutils.errors import SessionNotFound
 from ptutils.model import Model, accuracy
 from ptutils.session import Session
-from ptutils.status import SESSIONS, describe, request_pause
+from ptutils.status import describe, request_pause
 from ptutils.update import Evaluate
 
 
@@ -153,28 +153,26 @@ def cmd_run(args: argparse.Namespace, db: str) -> int:
 
 
 def cmd_pause(args: argparse.Namespace, db: str) -> int:
-    with open_db(db) as interface:
-        try:
-            state = describe(interface.collection(SESSIONS).load_from_id(args.id))
-            # A request left in a record that is not running would pause the next run at once.
-            if state != "running":
-                print(f"session {args.id} is {state}, not running: nothing to pause", file=sys.stderr)
-                return 1
-            request_pause(interface, args.id, reason=args.reason)
-        except NotFoundError:
-            print(f"no session {args.id!r} in {db}", file=sys.stderr)
+    try:
+        state = session_record(db, args.id).state
+        # A request left in a record that is not running would pause the next run at once.
+        if state != "running":
+            print(f"session {args.id} is {state}, not running: nothing to pause", file=sys.stderr)
             return 1
+        request_pause(db, args.id, reason=args.reason)
+    except SessionNotFound as exc:
+        print(exc, file=sys.stderr)
+        return 1
     print(f"pause requested for {args.id}; it pauses at its next heartbeat")
     return 0
 
 
 def cmd_status(args: argparse.Namespace, db: str) -> int:
-    with open_db(db) as interface:
-        try:
-            record = interface.collection(SESSIONS).load_from_id(args.id)
-        except NotFoundError:
-            print(f"no session {args.id!r} in {db}", file=sys.stderr)
-            return 1
+    try:
+        record = session_record(db, args.id).record
+    except SessionNotFound as exc:
+        print(exc, file=sys.stderr)
+        return 1
     print(json.dumps(status_of(record), indent=2))
     return 0
 

@@ -29,7 +29,7 @@ import math
 import random
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -253,6 +253,44 @@ def seed_everything(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------- the store
+BEST_MODES = ("min", "max")
+"""How ``keep_best`` ranks a metric: the lowest value is best, or the highest."""
+
+
+def _better(ranked: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
+    """Whether one checkpoint's ranking (``best_by``) beats another's (the newer wins ties)."""
+    if ranked["mode"] == "max":
+        return ranked["value"] >= than["value"]
+    return ranked["value"] <= than["value"]
+
+
+def _ranking(record: Mapping[str, Any]) -> tuple[str, str, float] | None:
+    """A record's ``best_by`` as (metric, mode, value), or None when it has none (or a garbled one)."""
+    ranked = record.get("best_by")
+    if not isinstance(ranked, Mapping):
+        return None
+    metric, mode, value = ranked.get("metric"), ranked.get("mode"), ranked.get("value")
+    if not isinstance(metric, str) or mode not in BEST_MODES or not isinstance(value, (int, float)):
+        return None
+    return (metric, mode, float(value)) if math.isfinite(value) else None
+
+
+def best_checkpoint(records: Sequence[Mapping[str, Any]], rule: tuple[str, str] | None = None) -> dict | None:
+    """The best of checkpoint ``records`` (newest first) by the ``keep_best`` ranking each holds, or None.
+
+    Only records ranked by ``rule`` (metric, mode) compete; by default, the newest ranked record's.
+    """
+    ranked = [(r, rank) for r in records if (rank := _ranking(r)) is not None]
+    if not ranked:
+        return None
+    rule = rule or ranked[0][1][:2]
+    best = None
+    for record, (metric, mode, value) in reversed(ranked):  # oldest first, so that a tie goes to the newer
+        if (metric, mode) == rule and (best is None or _better({"mode": mode, "value": value}, best["best_by"])):
+            best = record
+    return dict(best) if best is not None else None
+
+
 class CheckpointStore:
     """Checkpoints of one session in a DBInterface: save, keep the last ``keep``, load with fallback.
 
@@ -266,17 +304,26 @@ class CheckpointStore:
         session_id: str,
         *,
         keep: int = 3,
+        keep_best: str | None = None,
+        best_mode: str = "min",
         on_warning: Callable[[str], None] | None = None,
     ):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
+        if best_mode not in BEST_MODES:
+            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         self.db = db.collection("checkpoints")
         self.session_id = session_id
         self.keep = keep
+        self.keep_best = keep_best
+        """The metric whose best checkpoint is kept beside the last ``keep`` (None: none is)."""
+        self.best_mode = best_mode
         self.on_warning = on_warning
         self._next_seq: int | None = None
         self._unpinned: list[dict] = []
         """This session's unpinned records, oldest first, so pruning needs no query (one store writes a session's)."""
+        self._best: dict | None = None
+        """The record of the best checkpoint by ``keep_best`` so far (spared by pruning)."""
 
     def records(self) -> list[dict]:
         """Checkpoint records of this session, newest first."""
@@ -300,6 +347,7 @@ class CheckpointStore:
             stored = self.records()
             self._next_seq = 0 if not stored else stored[0]["seq"] + 1
             self._unpinned = [r for r in reversed(stored) if not r.get("pinned")]
+            self._best = best_checkpoint(stored, (self.keep_best, self.best_mode)) if self.keep_best else None
         seq = self._next_seq
         record_id = f"{self.session_id}.ckpt{seq:08d}"
         blob_id, digest = self.db.put_blob_sha256(parts, f"{record_id}.st")
@@ -314,17 +362,38 @@ class CheckpointStore:
             "pinned": pinned,
             **info,
         }
+        ranked = self._ranking(info.get("metrics"))
+        if ranked is not None:
+            record["best_by"] = ranked
         self.db.save(record)
         self._next_seq = seq + 1
+        if ranked is not None and (self._best is None or _better(ranked, self._best["best_by"])):
+            self._best = record
         if not pinned:
             self._unpinned.append(record)
             self._prune()
         return record
 
+    def _ranking(self, metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        """What ranks a checkpoint with ``metrics`` by ``keep_best`` (None: it does not take part)."""
+        if self.keep_best is None:
+            return None
+        value = (metrics or {}).get(self.keep_best)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            return None
+        return {"metric": self.keep_best, "mode": self.best_mode, "value": float(value)}
+
     def _prune(self) -> None:
-        while len(self._unpinned) > self.keep:
-            self.delete(self._unpinned[0])
-            del self._unpinned[0]
+        """Delete the oldest unpinned checkpoints beyond the last ``keep``, sparing the best one."""
+        best = None if self._best is None else self._best["_id"]
+        spared = 0
+        while len(self._unpinned) - spared > self.keep:
+            record = self._unpinned[spared]
+            if record["_id"] == best:
+                spared += 1  # the best stays beside the last ``keep``
+                continue
+            self.delete(record)
+            del self._unpinned[spared]
 
     def delete(self, record: Mapping[str, Any]) -> None:
         """Remove a checkpoint's record, then its blob."""
@@ -340,6 +409,30 @@ class CheckpointStore:
         if digest != record["sha256"]:
             raise CorruptionError(where, "checksum mismatch (torn or corrupt)")
         return deserialize(data, where)
+
+    def find(self, checkpoint: str | int = "last") -> dict:
+        """The record of the ``"last"`` checkpoint, the ``"best"`` one (by ``keep_best``) or the newest at a step.
+
+        Raises CheckpointError naming the session and what it holds when there is none.
+        """
+        records = self.records()
+        if checkpoint == "last":
+            found = records[0] if records else None
+        elif checkpoint == "best":
+            found = best_checkpoint(records)
+            if found is None and records:
+                raise CheckpointError(f"session {self.session_id!r} ranked no checkpoint: run it with keep_best=METRIC")
+        elif isinstance(checkpoint, int) and not isinstance(checkpoint, bool):
+            found = next((r for r in records if r.get("step") == checkpoint), None)
+            if found is None and records:
+                steps = ", ".join(str(s) for s in sorted({r.get("step") for r in records}))
+                raise CheckpointError(f"session {self.session_id!r} has no checkpoint at step {checkpoint}; "
+                                      f"it has checkpoints at steps {steps}")
+        else:
+            raise ValueError(f"checkpoint must be 'last', 'best' or a step (int), got {checkpoint!r}")
+        if found is None:
+            raise CheckpointError(f"session {self.session_id!r} has no checkpoint in {self.db.url}")
+        return found
 
     def load_latest(self, **match: Any) -> tuple[dict[str, Any], dict] | None:
         """The newest readable checkpoint (matching ``match`` fields) as ``(state, record)``, or None.

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .database import DBInterface
+from .database import DBInterface, opened
 
 
 def cuda_free(min_free_bytes: int = 0) -> Callable[[Any], bool]:
@@ -30,11 +30,12 @@ def cuda_free(min_free_bytes: int = 0) -> Callable[[Any], bool]:
     return cuda_free
 
 
-def db_reachable(db: DBInterface) -> Callable[[Any], bool]:
-    """A start condition: the database answers a ping (its error becomes the blocking reason)."""
+def db_reachable(db: DBInterface | str) -> Callable[[Any], bool]:
+    """A start condition: the database (an interface or a URL) answers a ping (its error becomes the blocking reason)."""
 
     def db_reachable(_session: Any) -> bool:
-        db.ping()
+        with opened(db) as interface:
+            interface.ping()
         return True
 
     return db_reachable

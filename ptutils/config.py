@@ -7,6 +7,10 @@ Models, criteria, optimizers, schedulers, data providers and updates are given
 as *specs*: ``{"cls": "torch.optim.SGD", "lr": 0.1}`` (an import path plus
 keyword arguments) or as ready Python objects.  ``to_dict()`` gives the plain
 dict stored with the session; ``Config.from_dict(cfg.to_dict())`` rebuilds it.
+``cfg.with_overrides({"model.optimizer.lr": 0.3})`` varies fields by dotted path
+(``stages[0].max_epochs`` or ``stages.train.max_epochs`` for a stage), validated
+as the config itself is: the one way to vary a field (``Session.from_config``
+and the tuner use the same paths).
 """
 
 from __future__ import annotations
@@ -200,6 +204,22 @@ class ModelConfig:
     scheduler_metric: str | None = attrs.field(
         default=None, validator=_typed("model.scheduler_metric", str, optional=True)
     )
+    metrics: dict[str, Any] = attrs.field(factory=dict)
+    """Metric name -> an import path (``"ptutils.model.accuracy"``), a spec or a callable ``(outputs, targets)``."""
+
+    @metrics.validator
+    def _check_metrics(self, _attr: attrs.Attribute, value: Any) -> None:
+        if not isinstance(value, Mapping):
+            raise ConfigError("model.metrics", f"expected a table of name -> metric, got {type(value).__name__}")
+        for name, metric in value.items():
+            field = f"model.metrics.{name}"
+            if not isinstance(name, str) or not name:
+                raise ConfigError("model.metrics", f"metric names are non-empty strings, got {name!r}")
+            if isinstance(metric, Mapping):
+                _spec(field)(None, _attr, metric)
+            elif not (isinstance(metric, str) or callable(metric)):
+                raise ConfigError(field, f"expected an import path such as 'ptutils.model.accuracy', a spec or a "
+                                         f"callable, got {metric!r}")
 
 
 @attrs.define(kw_only=True)
@@ -239,6 +259,15 @@ class CheckpointConfig:
         default=1, validator=_typed("checkpoint.every_epochs", int, optional=True, positive=True)
     )
     keep: int = attrs.field(default=3, validator=_typed("checkpoint.keep", int, positive=True))
+    keep_best: str | None = attrs.field(default=None, validator=_typed("checkpoint.keep_best", str, optional=True))
+    """A metric (e.g. ``val_loss``) whose best checkpoint is kept beside the last ``keep``."""
+    best_mode: str = attrs.field(default="min", validator=_typed("checkpoint.best_mode", str))
+    """``"min"`` (the lowest ``keep_best`` value is best) or ``"max"``."""
+
+    @best_mode.validator
+    def _check_best_mode(self, _attr: attrs.Attribute, value: str) -> None:
+        if value not in ("min", "max"):
+            raise ConfigError("checkpoint.best_mode", f"expected 'min' or 'max', got {value!r}")
     db: str | None = attrs.field(default=None, validator=_typed("checkpoint.db", str, optional=True))
 
 
@@ -319,10 +348,147 @@ class Config:
         """A plain, JSON-friendly dict; Python objects are recorded by type and repr."""
         return _unstructure(self)
 
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
+        """A new Config with fields set by dotted path (``{"model.optimizer.lr": 0.3}``), validated.
+
+        A path may go into a spec (``model.optimizer.lr``) and into a stage by
+        index or name (``stages[0].max_epochs``, ``stages.train.max_epochs``).  A
+        path that names nothing, or a value the field refuses, raises
+        ConfigError naming the path.  Python objects in the config are kept.
+        """
+        data = _tree(self)
+        for key, value in overrides.items():
+            parts = _override_parts(data, key)
+            parent = data
+            for depth, part in enumerate(parts[:-1]):
+                child = parent.get(part) if isinstance(parent, Mapping) else parent[part]
+                if child is None:
+                    raise ConfigError(key, f"{_join(parts[:depth + 1])} is not set: override it whole, e.g. "
+                                           f"{{{_join(parts[:depth + 1])!r}: {{'cls': ..., ...}}}}")
+                parent = child
+            parent[parts[-1]] = value
+        try:
+            config = Config.from_dict(data)
+            for key in overrides:
+                _check_spec_argument(data, _override_parts(data, key))
+        except ConfigError as exc:
+            named = [k for k in overrides if _within(exc.field, canonical_path(self, k))]
+            if named and named[0] != exc.field:
+                raise ConfigError(exc.field, f"{str(exc).split(': ', 1)[1]} (from overrides[{named[0]!r}])") from None
+            raise
+        return config
+
     @property
     def rebuildable(self) -> bool:
         """Whether every part is a spec or plain value (so the dict fully rebuilds the run)."""
-        return not _has_objects(self.to_dict())
+        return not object_paths(self.to_dict())
+
+
+def canonical_path(config: Config, key: str) -> str:
+    """The path ``key`` names in ``config`` as errors and differences spell it (``stages[0].max_epochs``)."""
+    return _join(_override_parts(_tree(config), key))
+
+
+def paths_named(config: Config, name: str) -> list[str]:
+    """Every dotted path of ``config`` whose last part is ``name`` (``lr`` -> ``model.optimizer.lr``)."""
+    found: list[str] = []
+
+    def walk(value: Any, parts: list[str | int]) -> None:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if key == name:
+                    found.append(_join([*parts, key]))
+                walk(item, [*parts, key])
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, [*parts, i])
+
+    walk(_tree(config), [])
+    return found
+
+
+def _join(parts: list[str | int]) -> str:
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+def _within(field: str, path: str) -> bool:
+    return field == path or field.startswith((path + ".", path + "["))
+
+
+def _override_parts(data: dict, key: Any) -> list[str | int]:
+    """The keys and list indexes an override path walks through ``data``; ConfigError when it names nothing."""
+    if not isinstance(key, str) or not key:
+        raise ConfigError(str(key), "an override is a dotted path such as 'model.optimizer.lr'")
+    raw = key.replace("[", ".").replace("]", "").split(".")
+    if "" in raw:
+        raise ConfigError(key, "not a dotted path such as 'model.optimizer.lr' or 'stages[0].max_epochs'")
+    parts: list[str | int] = []
+    value: Any = data
+    for i, part in enumerate(raw):
+        here = _join(parts) or "the config"
+        if isinstance(value, list):
+            index = _list_index(value, part, here, key)
+            parts.append(index)
+            value = value[index]
+        elif isinstance(value, Mapping):
+            if part not in value and _fixed_table(parts):
+                known = ", ".join(sorted(value))
+                raise ConfigError(key, f"{here} has no field {part!r} (known: {known})")
+            parts.append(part)
+            value = value.get(part)
+        elif value is None and i < len(raw):
+            return parts + raw[i:]  # reported by with_overrides, which names the unset part
+        else:
+            raise ConfigError(key, f"{here} is {type(value).__name__} {value!r}, not a table: nothing inside it to set")
+    return parts
+
+
+_SPEC_LEADING_ARGS = {"model.optimizer": 1, "model.scheduler": 1}
+"""Positional arguments a spec's class gets before its keyword arguments (the parameters, the optimizer)."""
+
+
+def _check_spec_argument(data: dict, parts: list[str | int]) -> None:
+    """Check an override of a spec's keyword argument against the spec's signature, as building it would."""
+    if len(parts) < 2 or parts[-1] == "cls":
+        return
+    spec: Any = data
+    for part in parts[:-1]:
+        spec = spec[part]
+    if isinstance(spec, Mapping) and isinstance(spec.get("cls"), str):
+        where = _join(parts[:-1])
+        target = import_object(spec["cls"], f"{where}.cls")
+        argument = {parts[-1]: spec[parts[-1]]}
+        check_kwargs(target, argument, where, skip=_SPEC_LEADING_ARGS.get(where, 0))
+
+
+def _fixed_table(parts: list[str | int]) -> bool:
+    """Whether the table at ``parts`` has fixed fields (the config, its model, checkpoint, a stage), not a spec's."""
+    return parts in ([], ["model"], ["checkpoint"]) or (len(parts) == 2 and parts[0] == "stages")
+
+
+def _list_index(items: list, part: str, where: str, key: str) -> int:
+    if part.isdigit():
+        if int(part) >= len(items):
+            raise ConfigError(key, f"{where} has {len(items)} entries, no [{part}]")
+        return int(part)
+    names = [item.get("name") for item in items if isinstance(item, Mapping)]
+    if part in names:
+        return names.index(part)
+    raise ConfigError(key, f"{where} has no entry named {part!r} (names: {', '.join(map(str, names))})")
+
+
+def _tree(value: Any) -> Any:
+    """The config as nested dicts and lists (copies), Python objects kept as they are."""
+    if isinstance(value, (Config, ModelConfig, StageConfig, CheckpointConfig)):
+        return {f.name: _tree(getattr(value, f.name)) for f in attrs.fields(type(value))}
+    if isinstance(value, Mapping):
+        return {k: _tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_tree(v) for v in value]
+    return value
 
 
 _NESTED: dict[tuple[type, str], type] = {
@@ -381,9 +547,12 @@ def _unstructure(value: Any) -> Any:
     return {"object": f"{kind.__module__}.{kind.__qualname__}", "repr": repr(value)[:200]}
 
 
-def _has_objects(value: Any) -> bool:
+def object_paths(value: Any, path: str = "") -> list[str]:
+    """The dotted paths of a config dict where ``to_dict`` recorded a Python object (which it cannot rebuild)."""
     if isinstance(value, Mapping):
-        return ("object" in value and "repr" in value) or any(_has_objects(v) for v in value.values())
+        if "object" in value and "repr" in value:
+            return [path]
+        return [p for k, v in value.items() for p in object_paths(v, f"{path}.{k}" if path else k)]
     if isinstance(value, list):
-        return any(_has_objects(v) for v in value)
-    return False
+        return [p for i, v in enumerate(value) for p in object_paths(v, f"{path}[{i}]")]
+    return []

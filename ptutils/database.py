@@ -16,12 +16,13 @@ bumped by every write), which makes optimistic updates possible
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import queue
 import re
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 from types import TracebackType
 from typing import Any, ClassVar, Union
@@ -552,6 +553,21 @@ def backend_for(url: str) -> type[DBInterface]:
 def open_db(url: str, **options: Any) -> DBInterface:
     """Open the backend for ``url``: file:///dir, sqlite:///f.db, postgresql://…, mysql+pymysql://…, mongodb://h:p/db/coll."""
     return backend_for(url).from_url(url, **options)
+
+
+@contextlib.contextmanager
+def opened(db: DBInterface | str) -> Iterator[DBInterface]:
+    """``db`` itself, or the database its URL names, closed on exit: for calls that take either, as Session does."""
+    if isinstance(db, DBInterface):
+        yield db
+        return
+    if not isinstance(db, str):
+        raise TypeError(f"db must be a DBInterface or a database URL, got {type(db).__name__}")
+    interface = open_db(db)
+    try:
+        yield interface
+    finally:
+        interface.close()
 
 
 for _scheme_name, _target in {

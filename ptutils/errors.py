@@ -60,6 +60,32 @@ class NotFoundError(StorageError, KeyError):
         return str(self.args[0])
 
 
+class SessionNotFound(NotFoundError, SessionError):
+    """No session record has the given id in the database given (``url``); ``hint`` may name ids most like it."""
+
+    def __init__(self, session_id: str, url: str, hint: str = ""):
+        self.session_id = session_id
+        self.url = url
+        self._hint = hint
+        super().__init__("session", session_id, url)
+
+    def __str__(self) -> str:
+        return super().__str__() + self._hint
+
+
+class ConfigChangeError(SessionError, ValueError):
+    """A session was asked to go on under a config that differs from the one its record ran with.
+
+    ``fields`` maps each differing dotted path to ``(recorded, new)``; the
+    message says, per field, whether ``overrides=`` could apply it.
+    """
+
+    def __init__(self, session_id: str, fields: dict[str, tuple[Any, Any]], message: str):
+        self.session_id = session_id
+        self.fields = fields
+        super().__init__(message)
+
+
 class InvalidIdError(StorageError, ValueError):
     """An id or collection name is malformed or could escape the storage root."""
 
@@ -117,3 +143,28 @@ class DataError(PtutilsError):
             where.append(f"index {index!r}")
         prefix = f"{', '.join(where)}: " if where else ""
         super().__init__(prefix + message)
+
+
+class Interrupted(KeyboardInterrupt):
+    """``Session.run()`` was stopped by a signal (Ctrl-C's SIGINT, or SIGTERM); ``signal`` names it.
+
+    After the first signal the session checkpointed at a step boundary and its
+    record says ``paused`` (``aborted`` is False); after a second one it stopped
+    at once and its record says ``paused`` and ``interrupted`` (``aborted`` is
+    True), to resume from its newest checkpoint.  Either way ``run()`` continues
+    it.  A KeyboardInterrupt rather than a PtutilsError, so that ``except
+    Exception`` does not swallow it and ``except KeyboardInterrupt`` still
+    catches a Ctrl-C.
+    """
+
+    def __init__(self, signal: str, session_id: str, step: int, *, aborted: bool = False):
+        self.signal = signal
+        self.session_id = session_id
+        self.step = step
+        self.aborted = aborted
+        if aborted:
+            what = (f"aborted by a second {signal} at step {step}; its record says paused (interrupted): "
+                    "run() resumes it from its newest checkpoint")
+        else:
+            what = f"paused by {signal} at step {step} (checkpointed): run() continues it"
+        super().__init__(f"session {session_id!r} {what}")

@@ -12,7 +12,7 @@
   start conditions), with the blocking reason written to its record.
 * :func:`take_over`: the state a session continues from when its record
   already exists; a ``running`` record whose process is gone is taken over as
-  paused (interrupted), a live one is refused.
+  paused (interrupted, :func:`mark_interrupted`), a live one is refused.
 
 Nothing here imports the Session: the machine calls back into a
 :class:`StateOwner`, which the Session is.
@@ -244,6 +244,17 @@ class Admission:
         return True
 
 
+def mark_interrupted(status: StatusWriter, log_event: Callable[..., None], reason: str = "interrupted",
+                     **fields: Any) -> None:
+    """Record a run that stopped between checkpoints as paused and interrupted: it resumes from the newest one.
+
+    What a dead process's ``running`` record is taken over as, and what a run
+    aborted at once (a second Ctrl-C) records itself.
+    """
+    status.write({**fields, "state": "paused", "interrupted": True, "pause_reason": reason})
+    log_event("interrupted", reason=reason)
+
+
 def take_over(record: dict[str, Any], status: StatusWriter, log_event: Callable[..., None]) -> str:
     """The machine state to continue an existing record from; a dead process's ``running`` becomes paused.
 
@@ -258,8 +269,7 @@ def take_over(record: dict[str, Any], status: StatusWriter, log_event: Callable[
                 f"session {session_id!r} is running in process {record.get('pid')} on {record.get('host')} "
                 f"(heartbeat {time.time() - float(record.get('heartbeat') or 0):.1f}s ago)"
             )
-        status.write({"state": "paused", "interrupted": True, "pause_reason": "interrupted"})
-        log_event("interrupted")
+        mark_interrupted(status, log_event)
         return "paused"
     if state in ("pending", "paused", "complete", "failed"):
         return state

@@ -9,6 +9,8 @@ reads its value.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from .conditions import cuda_free  # noqa: F401  (imported from here before conditions.py)
-from .config import ModelConfig, build
+from .config import ModelConfig, build, check_kwargs, import_object
 from .errors import ConfigError
 
 Batch = Any
@@ -124,6 +126,7 @@ class Model:
             grad_clip=config.grad_clip,
             scheduler_interval=config.scheduler_interval,
             scheduler_metric=config.scheduler_metric,
+            metrics={name: build_metric(spec, f"model.metrics.{name}") for name, spec in config.metrics.items()},
         )
 
     # ------------------------------------------------------------------ swapping parts
@@ -275,6 +278,30 @@ class Model:
             self.scheduler.load_state_dict(state["scheduler"])
         if "criterion" in state and isinstance(self.criterion, nn.Module):
             self.criterion.load_state_dict(state["criterion"])
+
+
+def build_metric(spec: Any, field: str) -> Callable[[Any, Any], torch.Tensor]:
+    """A metric ``(outputs, targets) -> tensor`` from an import path, a spec or a callable; errors name ``field``.
+
+    In a spec ``{"cls": path, **kwargs}`` a class is built with the kwargs and
+    a function gets them bound (``functools.partial``), so both kinds of metric
+    take options from a config.
+    """
+    if isinstance(spec, str):
+        metric = import_object(spec, field)
+    elif isinstance(spec, Mapping) and "cls" in spec:
+        target = import_object(spec["cls"], f"{field}.cls")
+        if inspect.isclass(target):
+            metric = build(spec, field)
+        else:
+            kwargs = {k: v for k, v in spec.items() if k != "cls"}
+            check_kwargs(target, kwargs, field, skip=2)
+            metric = functools.partial(target, **kwargs)
+    else:
+        metric = spec
+    if not callable(metric):
+        raise ConfigError(field, f"expected a metric (outputs, targets) -> tensor, got {metric!r}")
+    return metric
 
 
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

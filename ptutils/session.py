@@ -18,6 +18,7 @@ outage clock), :mod:`ptutils.status` (what the record says).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -31,18 +32,31 @@ from typing import Any
 import torch
 
 from .checkpoint import CheckpointStore, deserialize, seed_everything, serialize, serialize_parts
-from .config import Config, build
+from .changes import ConfigChanges, plan
+from .config import Config, build, canonical_path, object_paths, paths_named
 from .data import DataProvider, check_requests
 from .database import BlobData, DBInterface, backend_for, check_id, open_db
 from .errors import BackendUnavailableError, CheckpointError, ConfigError, SessionError, StorageError, TransitionError
-from .lifecycle import Admission, Lifecycle, StateChange, take_over
+from .lifecycle import Admission, Lifecycle, StateChange, mark_interrupted, take_over
 from .means import FOLD
 from .model import Model
 from .outage import OutageClock, retry_through_outage
 from .position import LoopPosition, capture, restore, resume_from, stages_to_replay
+from .records import load_model, session_record
+from .signals import PauseOnSignals, abort_reason
 from .stages import LIFECYCLE, SEP, STAGE_DONE, Stage, StageTransition, parse_transitions
-from .status import (MetricPoint, StatusWriter, archive_attempt, initial_record, metric_history, pause_request,
-                     progress_fields, steps_allowed)
+from .status import (
+    MetricPoint,
+    StatusWriter,
+    archive_attempt,
+    finite_metrics,
+    initial_record,
+    metric_history,
+    pause_request,
+    progress_fields,
+    session_not_found,
+    steps_allowed,
+)
 from .update import Update
 from .writer import BackgroundWriter
 
@@ -62,6 +76,32 @@ def _checkpoint_summary(record: dict[str, Any]) -> dict[str, Any]:
     return {"id": record["_id"], "step": record["step"], "reason": record["reason"], "time": record["created"]}
 
 
+class _ClassOrInstance:
+    """One name, two verbs: ``Session.resume(db, id)`` rebuilds a stored session; ``session.resume()`` is a trigger."""
+
+    def __init__(self, on_class: classmethod, on_instance: Callable):
+        self._on_class = on_class
+        self._on_instance = on_instance
+
+    def __get__(self, instance: Any, owner: type) -> Callable:
+        if instance is None:
+            return self._on_class.__get__(None, owner)
+        return self._on_instance.__get__(instance, owner)
+
+
+def _check_keywords(cls: type, config: Config, kwargs: Mapping[str, Any]) -> None:
+    """Refuse a keyword of ``from_config`` that is no Session argument, naming it and the override to use."""
+    known = set(inspect.signature(cls.__init__).parameters) - {"self", "model", "data"}
+    for name in kwargs:
+        if name not in known:
+            paths = paths_named(config, name)
+            example = f"{{{paths[0]!r}: ...}}" if paths else "{'model.optimizer.lr': ...} (dotted config paths)"
+            raise SessionError(
+                f"Session.from_config() got an unexpected keyword {name!r}: it takes Session arguments only; "
+                f"vary a config field with overrides={example}"
+            )
+
+
 def _slug(name: str) -> str:
     keep = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40].strip("-_.")
     return keep or "session"
@@ -71,14 +111,30 @@ class Session:
     """One experiment: a Model, a DataProvider and a DBInterface, driven as a state machine.
 
     Give ``session_id`` to attach to an existing record (resume in a new
-    process); otherwise a new id is made from ``name``.  ``checkpoint_db``
-    keeps checkpoints apart from the records (e.g. records on a server,
-    checkpoints in a local directory).
+    process); otherwise a new id is made from ``name``.  With ``must_exist``
+    a missing record raises SessionNotFound (naming the id and the database)
+    instead of starting a new session.  ``checkpoint_db`` keeps checkpoints
+    apart from the records (e.g. records on a server, checkpoints in a local
+    directory).  ``keep_best="val_loss"`` (``best_mode`` ``"min"`` or
+    ``"max"``) keeps the best checkpoint by that metric beside the last
+    ``keep_checkpoints``.
+
+    With ``config``, attaching compares it with the config the record ran with
+    (see :mod:`ptutils.changes`): a difference is refused with a
+    ConfigChangeError listing the fields, unless it is in ``overrides``
+    (dotted paths, as in :meth:`from_config`) and can be applied to the run in
+    progress (lr, grad_clip, stage budgets); applied changes are recorded in
+    the record's ``config_changes``.
+
+    A session that trains nothing itself (a parent that only holds children)
+    takes ``model=None``: it has the same lifecycle and record, no checkpoints
+    and no loop; drive it with :meth:`start`, :meth:`heartbeat`, :meth:`pause`,
+    :meth:`resume` and :meth:`complete`.
     """
 
     def __init__(
         self,
-        model: Model,
+        model: Model | None,
         data: DataProvider | None = None,
         *,
         stages: Sequence[Stage | Mapping[str, Any] | str] = ("train",),
@@ -92,6 +148,8 @@ class Session:
         checkpoint_every_steps: int | None = None,
         checkpoint_every_epochs: int | None = 1,
         keep_checkpoints: int = 3,
+        keep_best: str | None = None,
+        best_mode: str = "min",
         status_interval: float = 2.0,
         start_conditions: Sequence[Callable[[Session], bool]] = (),
         queue: str | None = None,
@@ -100,14 +158,24 @@ class Session:
         parent: Session | None = None,
         config: Config | None = None,
         metadata: Mapping[str, Any] | None = None,
+        must_exist: bool = False,
+        overrides: Mapping[str, Any] | None = None,
     ):
-        if not isinstance(model, Model):
-            raise SessionError(f"model must be a ptutils.model.Model, got {type(model).__name__}")
+        if model is not None and not isinstance(model, Model):
+            raise SessionError(f"model must be a ptutils.model.Model (or None for a session that trains nothing), "
+                               f"got {type(model).__name__}")
         self.model = model
         self.data = data
         self.name = name
         self.seed = seed
-        self.config = config
+        if must_exist and session_id is None:
+            raise SessionError("must_exist=True needs the session_id of the record to attach to")
+        if overrides and config is None:
+            raise SessionError("overrides= changes fields of a config: give config= too")
+        self.config = config.with_overrides(overrides) if overrides and config is not None else config
+        self._asked = [canonical_path(self.config, key) for key in overrides or ()]
+        self._changes: ConfigChanges | None = None
+        """Config changes taken when attaching, recorded once they are in effect (after a resume's restore)."""
         self.metadata = dict(metadata or {})
         self.stages: dict[str, Stage] = {}
         for raw in stages:
@@ -119,7 +187,8 @@ class Session:
             raise SessionError("a session needs at least one stage")
         self.stage_transitions: list[StageTransition] = parse_transitions(transitions, list(self.stages))
         self.updates: list[Update] = list(updates)
-        self.model.track_grad_norm = any(getattr(u, "needs_grad_norm", False) for u in self.updates)
+        if model is not None:
+            model.track_grad_norm = any(getattr(u, "needs_grad_norm", False) for u in self.updates)
         self.checkpoint_every_steps = checkpoint_every_steps
         self.checkpoint_every_epochs = checkpoint_every_epochs
         self.outage_pause_after = outage_pause_after
@@ -137,7 +206,8 @@ class Session:
         self._status = StatusWriter(self.db, self.id, interval=status_interval, outage=self._outage)
         self._writer = BackgroundWriter(self.id, self._outage)
         self.checkpoints = CheckpointStore(
-            ckpt_db, self.id, keep=keep_checkpoints, on_warning=lambda m: self.log_event("warning", message=m)
+            ckpt_db, self.id, keep=keep_checkpoints, keep_best=keep_best, best_mode=best_mode,
+            on_warning=lambda m: self.log_event("warning", message=m),
         )
         self._admission = Admission(self._status, self.id, queue, start_conditions)
 
@@ -168,7 +238,15 @@ class Session:
         self._start_error: BaseException | None = None
 
         record = self._status.load()
-        initial = "pending" if record is None else self._take_over(record)
+        if record is None and must_exist:
+            missing = session_not_found(self.db, self.id)
+            self.close()
+            raise missing
+        try:
+            initial = "pending" if record is None else self._take_over(record)
+        except BaseException:
+            self.close()
+            raise
         self._lifecycle = Lifecycle(self, list(self.stages.values()), self.stage_transitions, initial,
                                     start_guard=self._start_guard)
         self._polled: dict[str, list[StageTransition]] = {s: [] for s in self.stages}
@@ -189,6 +267,8 @@ class Session:
                 parent.add_child(self)
         elif parent is not None and self not in parent.children:
             parent.children.append(self)
+        if not self._needs_restore:
+            self._take_config_changes()
 
     # ------------------------------------------------------------------ construction
     def _data_requests(self) -> list[tuple[str, Any]]:
@@ -207,9 +287,19 @@ class Session:
         return opened
 
     @classmethod
-    def from_config(cls, config: Config | Mapping[str, Any], *, session_id: str | None = None, **overrides: Any) -> Session:
-        """Build a session (model, data, updates, stages) from a Config or its dict."""
+    def from_config(cls, config: Config | Mapping[str, Any], *, session_id: str | None = None,
+                    overrides: Mapping[str, Any] | None = None, **kwargs: Any) -> Session:
+        """Build a session (model, data, updates, stages) from a Config or its dict.
+
+        ``overrides`` varies config fields by dotted path (``{"model.optimizer.lr": 0.3}``,
+        validated as the config is, see :meth:`Config.with_overrides`); on a resume
+        it also names the changes to apply.  ``kwargs`` are Session arguments
+        (``db``, ``queue``, ``must_exist`` ...), which take precedence over the config's.
+        """
         cfg = config if isinstance(config, Config) else Config.from_dict(config)
+        if overrides:
+            cfg = cfg.with_overrides(overrides)
+        _check_keywords(cls, cfg, kwargs)
         for field, url in (("db", cfg.db), ("checkpoint.db", cfg.checkpoint.db)):
             if url is not None:
                 try:
@@ -225,7 +315,7 @@ class Session:
             parse_transitions(cfg.transitions, [s.name for s in stages if isinstance(s, Stage)] or ["train"])
         except ConfigError as exc:
             raise ConfigError(exc.field.replace("stages[]", "stages"), str(exc).split(": ", 1)[1]) from None
-        kwargs: dict[str, Any] = dict(
+        built: dict[str, Any] = dict(
             stages=stages,
             transitions=cfg.transitions,
             updates=updates,
@@ -236,15 +326,53 @@ class Session:
             checkpoint_every_steps=cfg.checkpoint.every_steps,
             checkpoint_every_epochs=cfg.checkpoint.every_epochs,
             keep_checkpoints=cfg.checkpoint.keep,
+            keep_best=cfg.checkpoint.keep_best,
+            best_mode=cfg.checkpoint.best_mode,
             status_interval=cfg.status_interval,
             config=cfg,
             metadata=cfg.metadata,
+            overrides=overrides,
         )
-        kwargs.update(overrides)
-        return cls(model, data, session_id=session_id, **kwargs)
+        return cls(model, data, session_id=session_id, **{**built, **kwargs})
+
+    @classmethod
+    def _resume_stored(cls, db: DBInterface | str, session_id: str, *, overrides: Mapping[str, Any] | None = None,
+                       **kwargs: Any) -> Session:
+        """The stored session ``session_id`` of ``db``, rebuilt from the config its record holds; ``run()`` goes on.
+
+        Raises SessionNotFound naming the id and the database when there is no
+        such record.  ``overrides`` (dotted paths) applies what a run in progress
+        can take (``{"stages.train.max_epochs": 8, "model.optimizer.lr": 0.01}``),
+        recorded in the record's ``config_changes``; ``kwargs`` are Session
+        arguments a config does not hold (``queue``, ``start_conditions`` ...).
+        A session built from Python objects has no rebuildable config: build it
+        again as before with ``Session(..., session_id=ID, must_exist=True)``.
+        On a session object, ``session.resume()`` is the trigger paused -> running.
+        """
+        stored = session_record(db, session_id).record.get("config")
+        built_in_code = object_paths(stored) if stored is not None else ["model"]
+        if built_in_code:
+            raise SessionError(
+                f"session {session_id!r} was built in code ({built_in_code[0]} is a Python object), so its record "
+                f"cannot rebuild it: build it again as before with Session(..., session_id={session_id!r}, "
+                f"must_exist=True)"
+            )
+        return cls.from_config(stored, session_id=session_id, overrides=overrides, db=db, must_exist=True, **kwargs)
+
+    @classmethod
+    def load(cls, db: DBInterface | str, session_id: str, *, model: Model | torch.nn.Module | None = None,
+             checkpoint: str | int = "last", checkpoint_db: DBInterface | str | None = None) -> Model | torch.nn.Module:
+        """The model of a stored session with its ``"last"``, ``"best"`` or a step's checkpoint weights; no training.
+
+        Built from the config in the record, or pass ``model=`` (see :func:`ptutils.records.load_model`).
+        """
+        return load_model(db, session_id, model=model, checkpoint=checkpoint, checkpoint_db=checkpoint_db)
 
     def _take_over(self, record: dict[str, Any]) -> str:
         """Continue an existing record: its name, counters and outcome, and the state to go on from."""
+        state = record.get("state")
+        self._changes = plan(self.id, record.get("config"), self.config, self._asked,
+                             "paused" if state == "running" else str(state))
         self.name = record.get("name", self.name)
         pos = self.position
         pos.attempt = int(record.get("attempt", 1))
@@ -256,7 +384,7 @@ class Session:
         self.outcome = record.get("outcome")
         self.error = record.get("error")
         state = take_over(record, self._status, self.log_event)
-        self._needs_restore = state == "paused"
+        self._needs_restore = state == "paused" and self.model is not None  # without a model there is nothing to restore
         return state
 
     # ------------------------------------------------------------------ state
@@ -374,25 +502,37 @@ class Session:
         """paused -> running in the stage it was paused in."""
         return self._fire("resume")
 
+    resume = _ClassOrInstance(_resume_stored, resume)
+
     def stop(self) -> bool:
         """End the session early: -> complete with outcome 'stopped'."""
-        self.outcome = "stopped"
-        return self._fire("stop")
+        return self._end("stop", "stopped", self.error)
 
     def complete(self) -> bool:
         """running -> complete with outcome 'success'."""
-        self.outcome = "success"
-        return self._fire("complete")
+        return self._end("complete", "success", self.error)
 
     def fail(self, exc: BaseException) -> bool:
         """-> failed, recording the exception type, message and traceback."""
-        self.error = {
+        error = {
             "type": type(exc).__name__,
             "message": str(exc),
             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         }
-        self.outcome = "failure"
-        return self._fire("fail")
+        return self._end("fail", "failure", error)
+
+    def _end(self, trigger: str, outcome: str, error: dict[str, Any] | None) -> bool:
+        """Fire an ending trigger with the outcome (and error) its record will show; kept only if it happens."""
+        before = self.outcome, self.error
+        self.outcome, self.error = outcome, error
+        try:
+            ended = self._fire(trigger)
+        except BaseException:
+            self.outcome, self.error = before
+            raise
+        if not ended:
+            self.outcome, self.error = before
+        return ended
 
     def restart(self) -> bool:
         """complete|failed -> pending as a new attempt (history kept, weights reset to the start)."""
@@ -453,6 +593,8 @@ class Session:
 
     def _checkpoint_for(self, reason: str) -> None:
         """The checkpoint a state change records (``pause``, ``final``), written through an outage."""
+        if self.model is None:
+            return
         self._through_outage(lambda: self.save_checkpoint(reason=reason, pinned=reason == "final"),
                              f"write the {reason} checkpoint")
 
@@ -460,11 +602,13 @@ class Session:
         """Whether the newest checkpoint holds the state now."""
         return self._checkpointed_at == self.position.mark()
 
-    def _begin_attempt(self) -> tuple[memoryview, dict[str, Any]]:
-        """Seed, set the first stage up and snapshot the initial state (its checkpoint and info)."""
+    def _begin_attempt(self) -> tuple[memoryview, dict[str, Any]] | None:
+        """Seed, set the first stage up and snapshot the initial state (its checkpoint and info; None without a model)."""
         seed_everything(self.seed)
         self._setup_stage(self.stage)
         self.drain()
+        if self.model is None:
+            return None
         return serialize(self.state_dict()), self._checkpoint_info("initial", pinned=True)
 
     def _record_start(self, change: StateChange) -> None:
@@ -594,7 +738,8 @@ class Session:
         pos = self.position
         self._checkpointed_at = pos.mark()
         return dict(pinned=pinned, attempt=pos.attempt, step=pos.step, stage=pos.stage,
-                    stage_epoch=pos.stage_epoch, batch_in_epoch=pos.batch_in_epoch, reason=reason)
+                    stage_epoch=pos.stage_epoch, batch_in_epoch=pos.batch_in_epoch, reason=reason,
+                    metrics=finite_metrics(self.metrics))
 
     def _write_checkpoint(self, data: BlobData, info: dict[str, Any], *, events_first: bool = True) -> dict:
         """Write a checkpoint; buffered events go first, as a resume starts after this checkpoint.
@@ -649,14 +794,34 @@ class Session:
         self._needs_restore = False
         dropped = self._status.drop_stored_after(record.get("attempt", self.attempt), record["step"])  # run again
         self.log_event("resume", checkpoint=record["_id"], restored_step=record["step"], dropped_events=dropped)
+        self._take_config_changes()
+
+    def _take_config_changes(self) -> None:
+        """Put the config changes taken when attaching into effect (after any restore) and record them."""
+        changes, self._changes = self._changes, None
+        if changes is None:
+            return
+        if self.model is not None:
+            changes.apply(self.model)
+        entry = changes.entry(attempt=self.attempt, stage=self.stage, step=self.step) if changes.fields else None
+        self._status.write({"config": changes.config}, push={"config_changes": entry} if entry else None)
+        if entry is not None:
+            self.log_event("config_change", fields=entry["fields"])
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Session:
         """Run (or resume) until the session is complete, failed or paused; returns self.
 
         An exception from a step or an update moves the session to ``failed``
-        with its traceback recorded, then propagates.
+        with its traceback recorded, then propagates.  Ctrl-C or SIGTERM (in the
+        main thread, see :mod:`ptutils.signals`) pauses at the next step boundary,
+        then raises :class:`~ptutils.errors.Interrupted`; a second one, or a
+        KeyboardInterrupt or SystemExit from elsewhere, stops at once and leaves
+        the session paused (interrupted), to resume from its newest checkpoint.
         """
+        if self.model is None:
+            raise SessionError(f"session {self.id!r} has no model, so it has no loop to run: "
+                               "drive it with start(), heartbeat() and complete()")
         if self.state == "pending":
             if not self._fire("start"):
                 return self
@@ -666,12 +831,17 @@ class Session:
             self.resume()
         elif self.state != "running":
             raise TransitionError("run", self.state, "restart() it first")
+        signals = PauseOnSignals(self)
         try:
-            self._loop()
-            self.drain()
+            with signals:
+                self._loop()
+                self.drain()
         except BaseException as exc:
             if exc is self._start_error:
                 pass  # the start was undone: the session is pending, as its record says
+            elif not isinstance(exc, Exception):
+                if self.is_running:
+                    self._abort(exc)
             elif isinstance(exc, BackendUnavailableError):
                 log.error("session %s stopped: the database stayed unreachable: %s", self.id, exc)
             elif self.state in ("running", "paused", "pending"):
@@ -680,7 +850,29 @@ class Session:
                 except StorageError as store_exc:
                     log.error("session %s failed (%s) and the failure could not be recorded: %s", self.id, exc, store_exc)
             raise
+        signals.raise_if_paused()
         return self
+
+    def _abort(self, exc: BaseException) -> None:
+        """Stop at once, between checkpoints: record paused (interrupted), as a crash is taken over.
+
+        No checkpoint is written; writes already queued land first, so the
+        record names the newest checkpoint, which the next ``run()`` resumes from.
+        """
+        try:
+            self.drain(raise_errors=False)
+        except Exception:
+            return  # the start could not be recorded and was undone: pending, as its record says
+        self._pause_requested = None
+        self._hb = None
+        self._lifecycle.set_state("paused")
+        self._needs_restore = True
+        reason = abort_reason(exc, self.step)
+        try:
+            mark_interrupted(self._status, self.log_event, reason, eta_seconds=None, last_checkpoint=self._checkpointed)
+        except StorageError as store_exc:  # the record still says running: stale, it reads as interrupted
+            log.error("session %s: %s, and the abort could not be recorded: %s", self.id, reason, store_exc)
+        self._status.end_run()
 
     def _get_loader(self) -> Any:
         if self._loader is not None:
@@ -720,6 +912,7 @@ class Session:
         pos = self.position
         model = self.model
         while self.is_running:
+            self._course_changed = False  # before the check: a request from a signal handler is never lost
             if self._pause_requested is not None:
                 reason, self._pause_requested = self._pause_requested, None
                 self.pause(reason=reason)
@@ -729,7 +922,6 @@ class Session:
                 self._finish_stage()
                 continue
             loader = self._get_loader()
-            self._course_changed = False
             train = stage.mode == "train"
             step_fn = model.train_step if train else self._eval_batch
             polled = self._polled[stage.name]
@@ -852,8 +1044,8 @@ class Session:
 
         Uses no global randomness, so evaluating does not change the training run.
         """
-        if self.data is None:
-            raise SessionError("evaluate() needs a DataProvider")
+        if self.data is None or self.model is None:
+            raise SessionError("evaluate() needs a model and a DataProvider")
         loader = self.data.get_dataloader(request)
         pos = self.position
         saved_sums, saved_count = pos.eval_sums, pos.eval_count
@@ -906,6 +1098,15 @@ class Session:
         self._hb = self._writer.submit(
             self._status.heartbeat, self._progress_fields(), self.stage_step, self.stage_total(self.current_stage)
         )
+
+    def heartbeat(self) -> dict:
+        """Write the record's progress and heartbeat now: a session without a loop shows it is alive this way.
+
+        Returns the record; a pause requested through it (``request_pause``) is for
+        the caller to honour.
+        """
+        self._writer.await_ahead()
+        return self._status.write(self._progress_fields())
 
     def close(self) -> None:
         """Flush buffered events and close the databases this session opened from URLs."""

@@ -23,6 +23,7 @@ This module also holds what the record *says*: its schema
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import logging
 import math
@@ -35,8 +36,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from .conditions import db_reachable  # noqa: F401  (imported from here before conditions.py)
-from .database import DBInterface
-from .errors import NotFoundError, StorageError
+from .database import DBInterface, opened
+from .errors import NotFoundError, SessionNotFound, StorageError
 from .outage import OutageClock
 
 log = logging.getLogger("ptutils")
@@ -81,11 +82,26 @@ def describe(record: Mapping[str, Any], now: float | None = None) -> str:
     return "interrupted" if is_stale(record, now) else str(record.get("state"))
 
 
-def request_pause(db: DBInterface, session_id: str, reason: str = "requested") -> dict:
-    """Ask a running session (in any process) to checkpoint and pause at its next heartbeat."""
-    return db.collection(SESSIONS).update(
-        session_id, {"$set": {"control.pause": True, "control.reason": reason, "control.at": time.time()}}
-    )
+def request_pause(db: DBInterface | str, session_id: str, reason: str = "requested") -> dict:
+    """Ask a running session (in any process) to checkpoint and pause at its next heartbeat.
+
+    ``db`` is a DBInterface or a database URL, as for a Session; SessionNotFound if it holds no such session.
+    """
+    with opened(db) as interface:
+        try:
+            return interface.collection(SESSIONS).update(
+                session_id, {"$set": {"control.pause": True, "control.reason": reason, "control.at": time.time()}}
+            )
+        except NotFoundError:
+            raise session_not_found(interface, session_id) from None
+
+
+def session_not_found(db: DBInterface, session_id: str) -> SessionNotFound:
+    """The error for a session id ``db`` holds no record of, naming the database and the ids most like it."""
+    ids = [doc["_id"] for doc in db.collection(SESSIONS).load({"kind": "session"}, projection=["_id"], limit=10_000)]
+    close = difflib.get_close_matches(session_id, ids, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else f" ({len(ids)} sessions there)"
+    return SessionNotFound(session_id, db.url, hint)
 
 
 def pause_request(record: Mapping[str, Any] | None) -> str | None:
@@ -154,6 +170,11 @@ def steps_allowed(max_steps: int | None, max_epochs: int | None, loader_len: int
     return min(totals) if totals else None
 
 
+def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numeric metrics: what a record (or a checkpoint's record) stores of them."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
 def progress_fields(
     position: Any,
     *,
@@ -177,7 +198,7 @@ def progress_fields(
         "batch_in_epoch": position.batch_in_epoch,
         "stage_progress": 1.0 if done else stage_progress,
         "progress": progress,
-        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+        "metrics": finite_metrics(metrics),
         **({"last_checkpoint": dict(last_checkpoint)} if last_checkpoint is not None else {}),
     }
 
@@ -374,6 +395,15 @@ class StatusWriter:
             else:
                 self.events.delete(doc["_id"])
         return dropped
+
+    def end_run(self) -> None:
+        """Count the events logged so far as an ended run's, as if another process had logged them.
+
+        After a run aborted between checkpoints, a resume in the same process
+        then drops its stored events past the checkpoint (:meth:`drop_stored_after`).
+        """
+        self.try_flush()
+        self._token = uuid.uuid4().hex[:8]
 
     def try_flush(self) -> None:
         """Flush, counting a failure as an outage: the events stay buffered for the next write."""

@@ -59,14 +59,17 @@ class BackgroundWriter:
         ahead = self._ahead
         if ahead is None:
             return
-        self._ahead = None
-        undo, self._undo = self._undo, None
         try:
             ahead.result()
         except BaseException as exc:
+            if not ahead.done():
+                raise  # the wait was interrupted (Ctrl-C), not the write: it goes on, and is awaited again
+            self._ahead = None
+            undo, self._undo = self._undo, None
             if undo is not None:
                 undo(exc)
             raise
+        self._ahead = self._undo = None
 
     # ------------------------------------------------------------------ ordinary writes
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:

@@ -228,3 +228,47 @@ def test_a_store_keeps_the_newest_unpinned_checkpoints_of_its_own_session_only(t
     assert len(list((tmp_path / "checkpoints" / "blobs").iterdir())) == 3 + 2
     state, record = resumed.load_latest()
     assert record["step"] == 4 and torch.equal(state["w"], torch.full((2,), 4.0))
+
+
+@pytest.mark.parametrize("mode, values, best", [("min", [0.5, 0.2, 0.4, 0.3, 0.6], 2), ("max", [0.5, 0.9, 0.4, 0.3, 0.6], 2)])
+def test_keep_best_keeps_the_best_checkpoint_beside_the_last_k_through_pruning_and_resume(
+    tmp_path, mode: str, values: list[float], best: int
+) -> None:
+    db = open_db(tmp_path.as_uri())
+    store = CheckpointStore(db, "s", keep=2, keep_best="val_loss", best_mode=mode)
+    for step, value in enumerate(values[:4], start=1):
+        store.save({"w": torch.full((2,), float(step))}, step=step, metrics={"val_loss": value, "loss": 9.0})
+    assert [r["step"] for r in store.records()] == [4, 3, best]
+    assert store.find("best")["best_by"] == {"metric": "val_loss", "mode": mode, "value": values[best - 1]}
+
+    resumed = CheckpointStore(db, "s", keep=2, keep_best="val_loss", best_mode=mode)  # a new process
+    resumed.save({"w": torch.full((2,), 5.0)}, step=5, metrics={"val_loss": values[4]})
+    resumed.save({"w": torch.full((2,), 6.0)}, step=6, metrics={"val_loss": float("nan")})  # unranked
+    assert [r["step"] for r in resumed.records()] == [6, 5, best]
+    assert torch.equal(resumed.read(resumed.find("best"))["w"], torch.full((2,), float(best)))
+    assert len(list((tmp_path / "checkpoints" / "blobs").iterdir())) == 3
+
+
+def test_a_new_best_lets_the_old_one_be_pruned(tmp_path) -> None:
+    store = CheckpointStore(open_db(tmp_path.as_uri()), "s", keep=1, keep_best="acc", best_mode="max")
+    for step, acc in enumerate([0.5, 0.4, 0.7, 0.6], start=1):
+        store.save({"w": torch.zeros(1)}, step=step, metrics={"acc": acc})
+    assert [r["step"] for r in store.records()] == [4, 3]
+    with pytest.raises(ValueError, match="best_mode must be 'min' or 'max', got 'lowest'"):
+        CheckpointStore(open_db(tmp_path.as_uri()), "s", keep_best="acc", best_mode="lowest")
+
+
+@pytest.mark.parametrize("garbled", [
+    "junk",
+    {"metric": "val_loss", "mode": "min"},
+    {"metric": 1, "mode": "min", "value": 0.1},
+    {"metric": "val_loss", "mode": "low", "value": 0.1},
+])
+def test_a_garbled_ranking_is_no_best_checkpoint(tmp_path, garbled) -> None:
+    store = CheckpointStore(open_db(tmp_path.as_uri()), "s", keep=1)
+    store.save({"w": torch.zeros(1)}, step=1, best_by=garbled)
+    with pytest.raises(ckpt.CheckpointError, match="ranked no checkpoint"):
+        store.find("best")
+    ranked = CheckpointStore(open_db(tmp_path.as_uri()), "s", keep=1, keep_best="val_loss")  # a new process
+    ranked.save({"w": torch.ones(1)}, step=2, metrics={"val_loss": 0.5})
+    assert ranked.find("best")["step"] == 2

@@ -41,3 +41,13 @@ def test_unreachable_database_blocks_start(url, tmp_path):
     s = session(url, start_conditions=[db_reachable(other)])
     assert s.start() is False
     assert "BackendUnavailableError" in s.record["blocked_by"] and "not-a-dir" in s.record["blocked_by"]
+
+
+def test_db_reachable_takes_a_url_and_opens_it_at_each_try(url, tmp_path):
+    missing = tmp_path / "not-a-dir"
+    missing.write_text("a file where a database directory should be")
+    assert session(url, start_conditions=[db_reachable(url)]).start() is True
+    blocked = session((tmp_path / "blocked").as_uri(), start_conditions=[db_reachable(missing.as_uri())])
+    assert blocked.start() is False and "not-a-dir" in blocked.record["blocked_by"]
+    missing.unlink()  # the database can now be made
+    assert blocked.start() is True

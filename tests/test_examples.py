@@ -38,10 +38,15 @@ def test_demo_pauses_on_ctrl_c_and_resumes_to_the_same_result(tmp_path):
 
     reference = summary_of(run_example("demo.py", "--out", str(tmp_path / "ref"), "--epochs", "6", "--quiet"))
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "examples" / "demo.py"), "--out", str(out), "--epochs", "6", "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-    )
+    # A handler here gives the child SIGINT's default, as from a terminal (a background job starts with it ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "examples" / "demo.py"), "--out", str(out), "--epochs", "6", "--quiet"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     sessions = out / "db" / "sessions"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -54,6 +59,7 @@ def test_demo_pauses_on_ctrl_c_and_resumes_to_the_same_result(tmp_path):
     assert proc.returncode == 0, stderr[-3000:]
     paused = json.loads(stdout[stdout.index("{") : stdout.rindex("}") + 1])
     assert paused["state"] == "paused" and 0 < paused["steps"] < reference["steps"]
+    assert f"session {paused['session']!r} paused by SIGINT" in stderr
     assert "--resume " + paused["session"] in stdout
     resumed = summary_of(run_example("demo.py", "--out", str(out), "--epochs", "6", "--quiet", "--resume", paused["session"]))
     assert resumed["state"] == "complete"

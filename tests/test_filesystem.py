@@ -411,9 +411,18 @@ def test_real_os_write_failure_in_a_child_keeps_the_previous_version(root: Path)
     assert temp_files(root) == []
 
 
+def reachable_temp_dir() -> Path:
+    """A temporary directory every user can enter, wherever TMPDIR points (a 0700 home, say)."""
+    for candidate in (tempfile.gettempdir(), "/tmp", "/var/tmp", "/dev/shm"):
+        path = Path(candidate).resolve()
+        if path.is_dir() and all(os.stat(p).st_mode & 0o001 for p in (path, *path.parents)):
+            return path
+    raise AssertionError("no temporary directory that other users can enter: the unprivileged child needs one")
+
+
 def test_permission_denied_names_the_file_and_keeps_the_previous_version() -> None:
     """A writer without write permission (nobody, when the tests run as root) fails cleanly."""
-    base = Path(tempfile.mkdtemp(prefix="ptutils-perm-"))
+    base = Path(tempfile.mkdtemp(prefix="ptutils-perm-", dir=reachable_temp_dir()))
     try:
         base.chmod(0o755)  # a non-root child must be able to reach (not write) the database
         root = base / "db"

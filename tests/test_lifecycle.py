@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -11,6 +13,7 @@ from ptutils.checkpoint import CheckpointStore
 from ptutils.errors import (
     BackendUnavailableError,
     SessionError,
+    SessionNotFound,
     StorageError,
     TransitionError,
 )
@@ -176,6 +179,23 @@ def test_attach_to_existing_record_by_id(url):
     assert again.state == "paused" and again.step == 4 and again.stage == "train"
 
 
+def test_must_exist_refuses_an_unknown_id_naming_it_and_the_database(url):
+    s = session(url)
+    typo = s.id[:-1] + ("x" if s.id[-1] != "x" else "y")
+    with pytest.raises(SessionNotFound) as err:
+        session(url, session_id=typo, must_exist=True)
+    assert repr(typo) in str(err.value) and url in str(err.value) and f"did you mean {s.id!r}" in str(err.value)
+    with pytest.raises(SessionNotFound, match="no session with id 'nothing-like-it'"):
+        Session.resume(url, "nothing-like-it")
+    assert not open_db(url).collection("sessions").exists(typo)
+
+
+def test_resume_refuses_a_session_built_in_code_saying_how_to_resume_it(url):
+    s = session(url, updates=[every_n_steps(4, "pause")]).run()
+    with pytest.raises(SessionError, match=f"session_id={s.id!r}, must_exist=True"):
+        Session.resume(url, s.id)
+
+
 def test_attach_refuses_a_session_running_elsewhere(url):
     s = session(url)
     s.start()
@@ -243,3 +263,50 @@ def test_wait_to_start_gives_up_after_timeout(url):
     assert time.monotonic() - t0 < 5
     first.start()
     assert second.wait_to_start(poll=0.05, timeout=5) is True and second.state == "running"
+
+
+def test_a_refused_complete_leaves_the_outcome_as_the_record_has_it(url):
+    s = session(url)
+    s.start()
+    s.pause()
+    with pytest.raises(TransitionError, match="complete"):
+        s.complete()  # a paused session cannot complete
+    assert s.outcome is None and s.record["outcome"] is None
+
+
+@pytest.mark.parametrize("end", ["stop", "fail"])
+def test_a_refused_ending_keeps_the_outcome_and_error_of_the_completed_run(url, end):
+    s = session(url, stages=[{"name": "train", "data": "train", "max_steps": 2}]).run()
+    with pytest.raises(TransitionError, match=end):
+        s.stop() if end == "stop" else s.fail(RuntimeError("too late"))
+    assert (s.outcome, s.error) == ("success", None) == (s.record["outcome"], s.record["error"])
+
+
+def test_a_session_without_a_model_has_the_lifecycle_and_record_of_any_other(url):
+    parent = Session(None, db=url, name="tuner")
+    child = session(url, parent=parent)
+    assert parent.state == "pending" and parent.record["children"] == [child.id]
+    assert parent.start() and parent.record["state"] == "running"
+    assert parent.heartbeat()["state"] == "running"
+    assert parent.pause() and parent.resume()
+    assert parent.complete()
+    record = parent.record
+    assert (record["state"], record["outcome"]) == ("complete", "success")
+    assert CheckpointStore(open_db(url), parent.id).records() == []  # nothing to checkpoint
+    with pytest.raises(SessionError, match="has no model, so it has no loop to run"):
+        Session(None, db=url).run()
+
+
+def test_a_session_without_a_model_left_running_by_a_dead_process_resumes_and_completes(url):
+    code = (
+        "import os, sys\n"
+        "from ptutils.session import Session\n"
+        f"s = Session(None, db={url!r}, name='tuner', session_id='tuner-1', status_interval=0.05)\n"
+        "s.start()\n"
+        "os._exit(0)  # dies without a word: its record says running\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    parent = Session(None, db=url, session_id="tuner-1")
+    assert parent.state == "paused" and parent.record["interrupted"] is True
+    assert parent.resume() and parent.complete()
+    assert parent.record["state"] == "complete"

@@ -257,3 +257,16 @@ def test_lone_surrogates_are_refused_as_codec_errors(mdb: MongoInterface, raw) -
         mdb.load({"text": "a\ud800b"})
     assert raw.count_documents({}) == 0
     assert mdb.client[mdb.db_name][f"{mdb.collection_name}.blobs.files"].count_documents({}) == 0
+
+
+def test_an_unreachable_server_is_one_line_naming_host_port_and_the_wait() -> None:
+    port = services.free_port()  # nothing listens there
+    db = open_db(f"mongodb://127.0.0.1:{port}/ptutils/c?serverSelectionTimeoutMS=200")
+    try:
+        with pytest.raises(BackendUnavailableError) as caught:
+            db.save({"_id": "a"})
+    finally:
+        db.close()
+    message = str(caught.value)
+    assert "\n" not in message and "Topology" not in message and len(message) < 300
+    assert f"127.0.0.1:{port}" in message and "within 0.2s" in message and "serverSelectionTimeoutMS" in message

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -37,6 +39,7 @@ from ptutils.errors import (
     DocumentTooLargeError,
     QueryError,
     SchemaVersionError,
+    StorageError,
 )
 from ptutils.query import matches, parse_query, parse_sort, sort_docs
 
@@ -548,3 +551,33 @@ def test_strings_with_nul_and_control_characters_compare_whole(sdb: SQLInterface
             assert [d["_id"] for d in sdb.load(query)] == [d["_id"] for d in docs if matches(query, d)], query
     assert [d["_id"] for d in sdb.load(sort=[("s", 1)])] == [d["_id"] for d in sort_docs(list(docs), [("s", 1)])]
     assert {d["_id"]: d["s"] for d in sdb.load()} == values
+
+
+@pytest.mark.parametrize("url", ["sqlite://tmp/x.db", "sqlite://host/x.db"])
+def test_a_malformed_sqlite_url_is_a_storage_error_that_shows_valid_forms(url):
+    with pytest.raises(StorageError, match=r"invalid database URL 'sqlite://.*sqlite:///relative/path/to/file\.db"):
+        open_db(url)
+
+
+@pytest.mark.parametrize(("url", "extra"), [
+    ("postgresql://postgres:secret@127.0.0.1/test", "ptutils[postgres]"),
+    ("mysql+pymysql://root@127.0.0.1/test", "ptutils[mysql]"),
+])
+def test_a_missing_driver_names_the_url_and_what_to_install(url, extra):
+    # A fresh interpreter in which the driver cannot be imported, as on a machine without it.
+    code = (
+        "import sys\n"
+        "sys.modules['psycopg'] = sys.modules['pymysql'] = None\n"
+        "from ptutils import open_db\n"
+        "from ptutils.errors import StorageError\n"
+        f"try:\n    open_db({url!r})\n"
+        "except StorageError as exc:\n    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert f"pip install '{extra}'" in out and "is not installed" in out
+    assert "secret" not in out and "127.0.0.1/test" in out
+
+
+def test_an_unknown_sqlalchemy_driver_is_named():
+    with pytest.raises(StorageError, match="no such SQLAlchemy driver 'mysql\\+nodriver'"):
+        open_db("mysql+nodriver://root@127.0.0.1/test")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from ptutils import open_db
+from ptutils.errors import SessionNotFound
 from ptutils.status import (
     EVENTS,
     StatusWriter,
@@ -49,6 +52,15 @@ def test_request_pause_on_a_record_sets_the_control_flag(url):
     s.start()
     record = request_pause(open_db(url), s.id, reason="maintenance")
     assert record["control"]["pause"] is True and record["control"]["reason"] == "maintenance"
+
+
+def test_request_pause_takes_a_url_as_a_session_does_and_names_a_missing_session(url):
+    s = session(url)
+    s.start()
+    assert request_pause(url, s.id, reason="from a script")["control"]["reason"] == "from a script"
+    assert s.record["control"]["pause"] is True
+    with pytest.raises(SessionNotFound, match=rf"no session with id 'typo' in {url}"):
+        request_pause(url, "typo")
 
 
 def test_new_session_and_restart_are_told_apart(url):

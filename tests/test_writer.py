@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -90,4 +91,29 @@ def test_a_failed_write_ahead_is_undone_once_where_it_is_awaited():
     assert [str(e) for e in undone] == ["cannot record the start"]
     writer.await_ahead()  # nothing ahead any more: neither raises nor undoes again
     assert len(undone) == 1
+    writer.close()
+
+
+def test_an_interrupt_while_waiting_for_the_write_ahead_neither_undoes_nor_forgets_it():
+    """A Ctrl-C lands in the loop's wait, not in the write: the write goes on and is awaited again."""
+    writer, undone = BackgroundWriter("s", OutageClock()), []
+    waiting, release = threading.Event(), threading.Event()
+
+    def write() -> None:
+        waiting.wait(10)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        release.wait(10)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        writer.ahead(write, undone.append)
+        with pytest.raises(KeyboardInterrupt):
+            waiting.set()
+            writer.await_ahead()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert writer.ahead_pending
+    release.set()
+    writer.await_ahead()
+    assert undone == [] and not writer.ahead_pending
     writer.close()

@@ -57,6 +57,8 @@ class Dialect(abc.ABC):
     """Whether those generated columns are STORED (else VIRTUAL)."""
     table_options: ClassVar[dict[str, str]] = {}
     """Keyword options of every table."""
+    install: ClassVar[str | None] = None
+    """What installs this dialect's default driver (``pip install ...``), or None when Python ships it."""
 
     @classmethod
     def normalise_url(cls, url: sa.URL, backend: str, driver: str) -> sa.URL:

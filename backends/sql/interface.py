@@ -97,7 +97,16 @@ class _Shared:
         options = self.dialect.engine_options(self.url)
         options["connect_args"] = {**options.get("connect_args", {}), **engine_options.pop("connect_args", {})}
         options.update(engine_options)
-        engine = sa.create_engine(self.url, **options)
+        shown = self.url.render_as_string(hide_password=True)
+        try:
+            engine = sa.create_engine(self.url, **options)
+        except ImportError as exc:
+            hint = f"pip install '{self.dialect.install}'" if self.dialect.install else "install its driver"
+            raise StorageError(f"{shown}: the driver for this URL is not installed ({exc}); {hint}") from exc
+        except sa.exc.NoSuchModuleError as exc:
+            raise StorageError(f"{shown}: no such SQLAlchemy driver {self.url.drivername!r} ({exc})") from exc
+        except sa.exc.ArgumentError as exc:
+            raise StorageError(f"invalid database URL {shown!r}: {' '.join(str(exc).split())}") from exc
         self.dialect.listen(engine, options)
         return engine
 

@@ -163,6 +163,7 @@ class MySQL(Dialect):
 
     name = "mysql"
     backends = ("mysql", "mariadb")
+    install = "ptutils[mysql]"
     text = MySQLText()
 
     name_type = mysql_types.VARCHAR(63, charset="ascii", collation="ascii_bin")

@@ -138,6 +138,7 @@ class PostgreSQL(Dialect):
 
     name = "postgresql"
     backends = ("postgresql", "postgres")
+    install = "ptutils[postgres]"
     text = PostgresText()
 
     name_type = sa.String(63, collation="C")

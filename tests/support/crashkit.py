@@ -4,10 +4,14 @@
                                             [--kill-in-status-write N] [--step-sleep S]
                                             [--disk-full-at-step K DIR] [--drop-root-at-step K]
                                             [--no-epoch-checkpoints] [--store-events-first]
+                                            [--signal-self-at-step K N]
 
 ``--kill-*`` end the process with SIGKILL at that exact point: at step K (a
 background write may be in flight), half-way through writing the Nth
-checkpoint blob, or half-way through writing the Nth status record.  The run
+checkpoint blob, or half-way through writing the Nth status record.
+``--signal-self-at-step K N`` sends the process N real SIGINTs during step K
+(as N presses of Ctrl-C would); the ``Interrupted`` that ``run()`` raises is
+printed, and the process ends normally.  The run
 is the one ``reference()`` builds, so a test can compare final weights.
 """
 
@@ -70,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drop-root-at-step", type=int)
     parser.add_argument("--no-epoch-checkpoints", action="store_true", help="checkpoint every 3 steps only")
     parser.add_argument("--store-events-first", action="store_true", help="with --kill-at-step: store events, then kill")
+    parser.add_argument("--signal-self-at-step", nargs=2, type=int, metavar=("K", "N"))
     args = parser.parse_args(argv)
 
     if args.kill_in_checkpoint_write:
@@ -98,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
                     pass
                 if args.leave_free:
                     fh.truncate(max(0, fh.tell() - args.leave_free))
+        if args.signal_self_at_step and session.step == args.signal_self_at_step[0]:
+            for _ in range(args.signal_self_at_step[1]):
+                os.kill(os.getpid(), signal.SIGINT)
         if args.drop_root_at_step is not None and session.step == args.drop_root_at_step:
             os.setgid(65534)
             os.setuid(65534)
@@ -109,8 +117,12 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         session.model.module.register_buffer("padding", torch.zeros(args.checkpoint_padding, dtype=torch.uint8))
+    from ptutils.errors import Interrupted
+
     try:
         session.run()
+    except Interrupted as exc:
+        print(f"interrupted signal={exc.signal} aborted={exc.aborted}", flush=True)
     finally:
         print(f"state={session.state} step={session.step}", flush=True)
     sys.exit(0)

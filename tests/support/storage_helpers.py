@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ptutils import open_db
+from ptutils.database import backend_for
 from ptutils.errors import StorageError
 
 
@@ -57,6 +58,7 @@ def limited_write_worker(url: str, collection: str, results: Any) -> None:
 
 def unprivileged_write_worker(url: str, collection: str, results: Any) -> None:
     """Try to write to a database the process may not write to (as nobody when run as root)."""
+    backend_for(url)  # imported while the checkout can still be read: nobody may not enter it
     if os.geteuid() == 0:
         os.setgroups([])
         os.setgid(65534)
