@@ -5,7 +5,10 @@ collate the batch itself: :func:`_collate_column` builds what ``default_collate`
 would make of a column without splitting it into samples, and the dataset hands
 the result back wrapped in :class:`Collated`.  :func:`collate`, the default
 ``collate_fn`` of :func:`ptutils.data.make_dataloader`, unwraps it and collates
-anything else with ``default_collate``.
+anything else with ``default_collate``.  Samples of different sizes (images
+of different sizes, most often) cannot be stacked into one batch: :func:`collate`
+raises a :class:`~ptutils.errors.DataError` naming them and their sizes, and the
+files they came from when the Dataset handed them over as :class:`Samples`.
 
 From a DataLoader worker, a collated batch travels to the main process in one
 reused shared-memory block (:class:`_SharedBatch`) rather than one fresh segment
@@ -14,21 +17,28 @@ that each sending process makes for itself (a forked worker notices by its pid
 that the pool it inherited is its parent's).  The main process gets plain tensors
 it owns either way.
 
-This module stands on torch alone; :mod:`ptutils.data` builds on it.
+This module stands on torch (and :mod:`ptutils.errors`) alone; :mod:`ptutils.data` builds on it.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-__all__ = ["Collated", "collate"]
+from .errors import DataError
+
+__all__ = ["Collated", "Samples", "collate"]
+
+RESIZE_HINT = (
+    "give the Dataset a transform to one size, e.g. Dataset(reader, transform=torchvision.transforms.v2.Resize"
+    "((224, 224))), or CenterCrop / RandomResizedCrop"
+)
 
 
 def _collate_column(column: Any) -> Any:
@@ -62,6 +72,62 @@ class Collated:
 
     def __init__(self, value: Any):
         self.value = value
+
+
+class Samples(list):
+    """A batch's samples, not collated yet, with the names of the records they came from.
+
+    ``name(j)`` names sample ``j`` (its index and file); it is only called when
+    :func:`collate` cannot stack the samples and names them in its error.
+    """
+
+    __slots__ = ("name", "source")
+
+    def __init__(self, samples: Sequence[Any], name: Callable[[int], str], source: str | None = None):
+        super().__init__(samples)
+        self.name = name
+        self.source = source
+
+
+def _shape_of(sample: Any, field: Any) -> tuple[int, ...] | None:
+    value = sample if field is None else sample[field]
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _size_mismatch(batch: Sequence[Any]) -> DataError | None:
+    """The error naming the samples of ``batch`` whose tensors differ in size, or None if none do."""
+    if not isinstance(batch, Sequence) or not batch:
+        return None
+    first = batch[0]
+    if isinstance(first, torch.Tensor):
+        fields: list[Any] = [None]
+    elif isinstance(first, Mapping):
+        fields = list(first)
+    elif isinstance(first, Sequence) and not isinstance(first, str):
+        fields = list(range(len(first)))
+    else:
+        return None
+    for field in fields:
+        try:
+            shapes = [_shape_of(sample, field) for sample in batch]
+        except (KeyError, IndexError, TypeError):
+            return None
+        if None in shapes or len(set(shapes)) < 2:
+            continue
+        name = batch.name if isinstance(batch, Samples) else (lambda j: f"sample {j} of the batch")
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for j, shape in enumerate(shapes):
+            by_shape.setdefault(shape, []).append(j)
+        sizes = "; ".join(
+            f"{'x'.join(map(str, shape))}: {', '.join(name(j) for j in js[:2])}{' ...' if len(js) > 2 else ''}"
+            for shape, js in list(by_shape.items())[:4]
+        )
+        what = "" if field is None else f" (field {field!r})"
+        return DataError(
+            f"samples of different sizes in one batch{what}, which torch cannot stack: {sizes}; {RESIZE_HINT}",
+            file=batch.source if isinstance(batch, Samples) else None,
+        )
+    return None
 
 
 _ALIGN = 64
@@ -180,4 +246,10 @@ def collate(batch: Any) -> Any:
         if torch.utils.data.get_worker_info() is not None and _SharedBatch.fits(value):
             return _SharedBatch(value)
         return value
-    return default_collate(batch)
+    try:
+        return default_collate(batch)
+    except RuntimeError as exc:
+        mismatch = _size_mismatch(batch)
+        if mismatch is None:
+            raise
+        raise mismatch from exc

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .batches import Collated, _collate_column, collate
+from .batches import Collated, Samples, _collate_column, collate
 from .errors import ConfigError, DataError
 from .sampling import BatchIndices, ResumableBatchSampler, ResumableSampler, _mix, set_loader_position
 
@@ -57,7 +57,9 @@ __all__ = [
     "Request",
     "ResumableBatchSampler",
     "ResumableSampler",
+    "Samples",
     "check_index",
+    "check_requests",
     "coalesce_runs",
     "collate",
     "make_dataloader",
@@ -167,6 +169,10 @@ class DataReader(abc.ABC):
 
     def close(self) -> None:
         """Release open handles in this process (reopened lazily on the next read)."""
+
+    def record_name(self, index: int) -> str:
+        """Record ``index`` as error messages name it (readers of files add the file)."""
+        return f"index {index}"
 
     def locate_error(self, index: Index, exc: BaseException) -> DataError:
         """The error naming the first record of ``index`` that cannot be read.
@@ -338,9 +344,14 @@ class Dataset(torch.utils.data.Dataset):
                 collated = [_collate_column(col) for col in columns]
                 if all(c is not None for c in collated):
                     return Collated(collated[0] if len(collated) == 1 else collated)
-            return [self._finish(self._row(columns, j)) for j in range(idx.size)]
+            return self._samples([self._finish(self._row(columns, j)) for j in range(idx.size)], idx)
         with _SeededRNG(getattr(indices, "seed", None)):
-            return [self._finish(self._row(columns, j)) for j in range(idx.size)]
+            return self._samples([self._finish(self._row(columns, j)) for j in range(idx.size)], idx)
+
+    def _samples(self, samples: list[Any], idx: np.ndarray) -> Samples:
+        """The samples, with the names of their records for an error that cannot collate them."""
+        reader = self.reader
+        return Samples(samples, lambda j: reader.record_name(int(idx[j])), reader.source)
 
     @staticmethod
     def _row(columns: tuple[Any, ...], j: int) -> list[Any]:
@@ -465,6 +476,35 @@ class DataProvider(abc.ABC):
     def get_dataloader(self, request: Request) -> DataLoader:
         """Return a DataLoader answering ``request``."""
 
+    def check_request(self, request: Request) -> None:
+        """Raise ConfigError if ``request`` cannot be answered, without building a loader.
+
+        A session checks its stages' and updates' requests when it is built, so a
+        misspelled name fails then rather than an epoch into ``run()``.  This default
+        accepts every request: override it where the provider can tell.
+        """
+
+
+def check_requests(provider: DataProvider | None, requests: Sequence[tuple[str, Any]]) -> None:
+    """Check each ``(field, request)`` with ``provider``; ConfigError naming the field that makes it.
+
+    Requests made from the session's state (callables) are checked when made, as
+    are absent ones (a stage without ``data`` may never run), and nothing is checked
+    without a provider (one may be set later) or with one that has no
+    ``check_request`` (any object with ``get_dataloader`` will do).
+    """
+    check = getattr(provider, "check_request", None)
+    if check is None:
+        return
+    for field, request in requests:
+        if request is None or callable(request):
+            continue
+        try:
+            check(request)
+        except ConfigError as exc:
+            inner = "" if exc.field.startswith("request") else f".{exc.field}"
+            raise ConfigError(field + inner, str(exc).split(": ", 1)[1]) from None
+
 
 class DatasetProvider(DataProvider):
     """A provider over named datasets with per-dataset loader settings.
@@ -479,6 +519,8 @@ class DatasetProvider(DataProvider):
     settings for this loader (e.g. ``{"dataset": "train", "batch_size": 64}``) and
     ``"epoch"`` sets the sampler's epoch.  Other keys (stage, metrics) are free for
     subclasses that override :meth:`resolve`.  Each call builds a new DataLoader.
+    :meth:`check_request` asks :meth:`resolve`, so a subclass that answers other
+    requests in :meth:`get_dataloader` overrides it too.
     """
 
     def __init__(
@@ -517,9 +559,13 @@ class DatasetProvider(DataProvider):
         else:
             raise ConfigError("request", f"expected a dataset name or a dict, got {type(request).__name__}")
         if name not in self.datasets:
-            raise ConfigError("request.dataset", f"no dataset named {name!r}; known: {sorted(self.datasets)}")
+            raise ConfigError("request.dataset", f"no dataset {name!r}; known: {', '.join(sorted(self.datasets))}")
         settings = self.loaders.get(name, self.default)
         return name, settings.replace(**overrides) if overrides else settings
+
+    def check_request(self, request: Request) -> None:
+        """ConfigError naming what :meth:`resolve` refuses (an unknown dataset, a bad loader setting)."""
+        self.resolve(request)
 
     def get_dataloader(self, request: Request) -> DataLoader:
         """A new DataLoader for the dataset the request names, positioned at its epoch."""

@@ -2,7 +2,7 @@
 
 :class:`LoopPosition` owns the counters the loop advances (attempt, stage, step,
 stage step and epoch, batch within the epoch), the data request an update
-switched to, and the partial sums of an evaluation in progress.  A checkpoint is
+switched to, and the partial sums of an evaluation or a training epoch in progress.  A checkpoint is
 :func:`capture`: the model, every RNG, that position, the metrics and every
 update's state.  Exact resume is the way back, in this order:
 
@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import CheckpointStore, rng_state, set_rng_state
 from .sampling import set_loader_position
 from .errors import CheckpointError
+from .means import EpochMeans
 from .model import Model
 
 log = logging.getLogger("ptutils")
@@ -48,6 +49,8 @@ class LoopPosition:
     """A request an update switched the stage's data to (``session.request_data``), or None."""
     eval_sums: dict[str, torch.Tensor] = attrs.field(factory=dict)
     eval_count: int = 0
+    train_means: EpochMeans = attrs.field(factory=EpochMeans)
+    """The training loss and metrics of the epoch in progress (``{stage}_loss`` ... at its end)."""
     pending_rng: Mapping[str, Any] | None = None
     """RNG state of a restored checkpoint, applied once the loader's iterator exists."""
 
@@ -60,6 +63,7 @@ class LoopPosition:
         self.stage = stage
         self.stage_step = self.stage_epoch = self.batch_in_epoch = 0
         self.data_override = None
+        self.train_means.reset()
 
     def next_attempt(self, first_stage: str) -> None:
         """Go back to the start of the run as the next attempt."""
@@ -80,16 +84,18 @@ class LoopPosition:
             "data_override": override if isinstance(override, (str, dict)) else None,
             "eval_sums": dict(self.eval_sums),
             "eval_count": self.eval_count,
+            "train_means": self.train_means.state_dict(),
         }
 
-    def load(self, loop: Mapping[str, Any], rng: Mapping[str, Any]) -> None:
-        """Take a checkpoint's ``loop`` part; its ``rng`` is applied by the next :meth:`iterate`."""
+    def load(self, loop: Mapping[str, Any], rng: Mapping[str, Any], device: torch.device | str = "cpu") -> None:
+        """Take a checkpoint's ``loop`` part (its sums onto ``device``); its ``rng`` is applied by the next :meth:`iterate`."""
         self.attempt = loop["attempt"]
         self.stage = loop["stage"]
         self.step, self.stage_step = loop["step"], loop["stage_step"]
         self.stage_epoch, self.batch_in_epoch = loop["stage_epoch"], loop["batch_in_epoch"]
         self.data_override = loop.get("data_override")
         self.eval_sums, self.eval_count = dict(loop.get("eval_sums") or {}), loop.get("eval_count", 0)
+        self.train_means.load_state_dict(loop.get("train_means") or {}, device)
         self.pending_rng = rng
 
     def iterate(self, loader: Any, owner: str) -> Iterator:
@@ -129,7 +135,7 @@ def restore(state: Mapping[str, Any], model: Model, position: LoopPosition, upda
     model.load_state_dict(state["model"])
     model.grad_clip = state.get("grad_clip")
     model.grad_norm = None  # an observation of the abandoned steps must not reach later updates
-    position.load(state["loop"], state["rng"])
+    position.load(state["loop"], state["rng"], model.device)
     if with_updates:
         for update, saved in zip(updates, state.get("updates") or []):
             if saved is not None and hasattr(update, "load_state_dict"):

@@ -34,10 +34,11 @@ import torch
 from .checkpoint import CheckpointStore, deserialize, seed_everything, serialize, serialize_parts
 from .changes import ConfigChanges, plan
 from .config import Config, build, canonical_path, object_paths, paths_named
-from .data import DataProvider
+from .data import DataProvider, check_requests
 from .database import BlobData, DBInterface, backend_for, check_id, open_db
 from .errors import BackendUnavailableError, CheckpointError, ConfigError, SessionError, StorageError, TransitionError
 from .lifecycle import Admission, Lifecycle, StateChange, mark_interrupted, take_over
+from .means import FOLD
 from .model import Model
 from .outage import OutageClock, retry_through_outage
 from .position import LoopPosition, capture, restore, resume_from, stages_to_replay
@@ -45,10 +46,12 @@ from .records import load_model, session_record
 from .signals import PauseOnSignals, abort_reason
 from .stages import LIFECYCLE, SEP, STAGE_DONE, Stage, StageTransition, parse_transitions
 from .status import (
+    MetricPoint,
     StatusWriter,
     archive_attempt,
     finite_metrics,
     initial_record,
+    metric_history,
     pause_request,
     progress_fields,
     session_not_found,
@@ -191,7 +194,9 @@ class Session:
         self.outage_pause_after = outage_pause_after
         self.outage_wait = outage_wait
 
+        check_requests(data, self._data_requests())
         self.id = check_id(session_id) if session_id else f"{_slug(name)}-{uuid.uuid4().hex[:10]}"
+        """The session's id: its record's key in the database (give it as ``session_id`` to reopen the session)."""
         if len(self.id) > 80:
             raise SessionError(f"session id {self.id!r} is longer than 80 characters")
         self._owned: list[DBInterface] = []
@@ -210,6 +215,9 @@ class Session:
         """The loop's counters (attempt, stage, step ...) and what exact resume restores."""
         self.loss: torch.Tensor | None = None
         self.metrics: dict[str, float] = {}
+        """The newest value of each metric: ``{stage}_loss`` and ``{stage}_<metric>`` (the means of the latest
+        epoch of a stage, e.g. ``train_loss``) and ``{prefix}_*`` of the latest evaluation (``val_loss``).
+        Checkpointed and kept in the record; :meth:`metric_history` has every value."""
         self.event = "step"
         self.error: dict[str, Any] | None = None
         self.outcome: str | None = None
@@ -263,6 +271,14 @@ class Session:
             self._take_config_changes()
 
     # ------------------------------------------------------------------ construction
+    def _data_requests(self) -> list[tuple[str, Any]]:
+        """Every request the stages and updates will make of the provider, with the field that makes it."""
+        found = [(f"stages.{stage.name}.data", stage.data) for stage in self.stages.values()]
+        for i, update in enumerate(self.updates):
+            asks = getattr(update, "data_requests", None)
+            found += [(f"updates[{i}]", request) for request in (asks() if callable(asks) else ())]
+        return found
+
     def _open(self, db: DBInterface | str) -> DBInterface:
         if isinstance(db, DBInterface):
             return db
@@ -683,6 +699,14 @@ class Session:
         self._status.flush()
         return self._status.load_events(kind)
 
+    def metric_history(self, name: str) -> list[MetricPoint]:
+        """Every value metric ``name`` (``train_loss``, ``val_accuracy`` ...) had in this attempt, oldest first.
+
+        Each is a :class:`~ptutils.status.MetricPoint` ``(step, value, stage, epoch)``: the training step it
+        was computed after, its value, and the stage and stage epoch it belongs to.
+        """
+        return metric_history(self.events("metrics"), name, self.attempt)
+
     def request_data(self, request: Any) -> None:
         """Ask the DataProvider for a new DataLoader; the loop switches at the next step."""
         self.position.data_override = request
@@ -876,6 +900,8 @@ class Session:
         return True
 
     def _finish_stage(self) -> None:
+        if self.position.batch_in_epoch:  # the budget ended an epoch part-way: its steps' means still count
+            self._store_epoch_metrics(self.current_stage, self.stage_epoch + 1)
         for t in self._stage_done[self.stage]:
             if t.guards_hold(self) and self._fire(STAGE_DONE):
                 return
@@ -904,14 +930,26 @@ class Session:
             status = self._status
             step_scheduler = train and model.steps_scheduler_every("step")
             finished_epoch = True
-            if not train and pos.batch_in_epoch == 0:
-                pos.eval_sums, pos.eval_count = {}, 0
+            if pos.batch_in_epoch == 0:
+                if train:
+                    pos.train_means.reset()
+                else:
+                    pos.eval_sums, pos.eval_count = {}, 0
+            means = pos.train_means
+            losses = means.values["loss"]
+            step_metrics = train and bool(model.train_metrics and model.metrics)
+            fold_at = FOLD
             for batch in pos.iterate(loader, self.id):
                 self.loss = step_fn(batch)
                 pos.batch_in_epoch += 1
                 pos.stage_step += 1
                 if train:
                     pos.step += 1
+                    losses.append(self.loss)
+                    if step_metrics:
+                        means.add(model.step_metrics)
+                    if len(losses) >= fold_at:
+                        means.fold()
                 self.event = "step"
                 if step_scheduler:
                     model.step_scheduler(self.metrics)
@@ -938,9 +976,8 @@ class Session:
         pos.stage_epoch += 1
         pos.batch_in_epoch = 0
         epoch = pos.stage_epoch
-        if stage.mode == "eval":
-            self._store_eval_metrics(stage.name)
-        elif self.model.steps_scheduler_every("epoch"):
+        self._store_epoch_metrics(stage, epoch)
+        if stage.mode == "train" and self.model.steps_scheduler_every("epoch"):
             self.model.step_scheduler(self.metrics)
         self.event = "epoch"
         self._course_changed = False
@@ -954,6 +991,16 @@ class Session:
             self._periodic_checkpoint()
         if self._status.due():
             self._heartbeat()
+
+    def _store_epoch_metrics(self, stage: Stage, epoch: int) -> None:
+        """Store and log the means of the stage's epoch ``epoch``: ``{stage}_loss``, ``{stage}_<metric>``."""
+        if stage.mode == "eval":
+            values = self._store_eval_metrics(stage.name)
+        else:
+            values = self.position.train_means.take(stage.name)
+            self.metrics.update(values)
+        if values:
+            self.log_event("metrics", metrics=values, stage_epoch=epoch)
 
     def _run_updates(self) -> None:
         """Call the updates in order; one that changes course ends this round."""
@@ -1011,7 +1058,7 @@ class Session:
         finally:
             torch.set_rng_state(rng)
             pos.eval_sums, pos.eval_count = saved_sums, saved_count
-        self.log_event("metrics", metrics=values)
+        self.log_event("metrics", metrics=values, stage_epoch=pos.stage_epoch)
         return values
 
     # ------------------------------------------------------------------ status

@@ -16,8 +16,9 @@ reported to the session's :class:`~ptutils.outage.OutageClock`.
 This module also holds what the record *says*: its schema
 (:func:`initial_record`), the progress fields a heartbeat writes
 (:func:`progress_fields`), where a pause request from another process is read
-(:func:`pause_request`), and how a finished attempt is archived on restart
-(:func:`archive_attempt`).
+(:func:`pause_request`), how a finished attempt is archived on restart
+(:func:`archive_attempt`), and a metric's history read from the events
+(:func:`metric_history`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from .conditions import db_reachable  # noqa: F401  (imported from here before conditions.py)
 from .database import DBInterface, opened
@@ -211,6 +212,27 @@ def archive_attempt(sessions: Any, session_id: str, attempt: int, record: Mappin
     summary["error"] = (record.get("error") or {}).get("type") if record.get("error") else None
     summary["record"] = archive_id
     return summary
+
+
+class MetricPoint(NamedTuple):
+    """One recorded value of a metric."""
+
+    step: int
+    """The training step it was computed after."""
+    value: float
+    stage: str | None
+    """The stage it belongs to."""
+    epoch: int | None
+    """The stage epoch it was computed at (the epoch it is the mean of, for ``{stage}_*``)."""
+
+
+def metric_history(events: Sequence[Mapping[str, Any]], name: str, attempt: int) -> list[MetricPoint]:
+    """The values of metric ``name`` in ``attempt``'s ``metrics`` events (each holds the values computed then)."""
+    return [
+        MetricPoint(e["step"], e["metrics"][name], e.get("stage"), e.get("stage_epoch"))
+        for e in events
+        if e.get("kind") == "metrics" and e.get("attempt") == attempt and name in (e.get("metrics") or {})
+    ]
 
 
 class StatusWriter:

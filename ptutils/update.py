@@ -10,7 +10,9 @@ trigger name (``"pause"``, ``"stop"``, a stage trigger) or a callable
 
 Updates that keep state between steps (a plateau counter, a remedy index)
 expose ``state_dict()``/``load_state_dict()``; the checkpoint stores it so a
-resumed session makes the same decisions.
+resumed session makes the same decisions.  Updates that ask the DataProvider for
+loaders (:class:`Evaluate`) name their requests in ``data_requests()``, which the
+session checks against the provider when it is built.
 """
 
 from __future__ import annotations
@@ -248,6 +250,10 @@ class Evaluate:
             if self.count % self.every == 0:
                 session.evaluate(self.data, prefix=self.prefix)
         return session
+
+    def data_requests(self) -> list[Any]:
+        """The request it will make of the session's DataProvider (checked when the session is built)."""
+        return [self.data]
 
     def state_dict(self) -> dict:
         return {"count": self.count}

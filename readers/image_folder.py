@@ -83,6 +83,12 @@ class ImageFolderReader(DataReader):
       logger and substitute the next readable record in index order (wrapping
       around), with *its* label.  The substitution is deterministic, so batches
       keep their size and a resumed session sees the same batches.
+    
+    Images of different sizes cannot share a batch (the DataLoader stacks them):
+    collating such a batch raises a :class:`~ptutils.errors.DataError` naming the
+    files and their sizes.  Bring them to one size with a transform, e.g.
+    ``Dataset(reader, transform=torchvision.transforms.v2.Resize((224, 224)))``
+    (or ``CenterCrop``, or ``RandomResizedCrop`` for training).
     """
 
     fields = ("image", "label")
@@ -144,6 +150,10 @@ class ImageFolderReader(DataReader):
     def __repr__(self) -> str:
         return (f"ImageFolderReader({self.root!r}, classes={len(self.classes)}, length={len(self.samples)}, "
                 f"decoder={self.decoder!r})")
+
+    def record_name(self, index: int) -> str:
+        """The record with the file it was read from."""
+        return f"index {index} ({self.samples[index][0]})"
 
     def decode(self, index: int) -> torch.Tensor:
         """Decode the image of record ``index``; DataError naming the file if it cannot."""

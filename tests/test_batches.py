@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from ptutils.batches import _SharedBatch
+from ptutils.batches import Samples, _SharedBatch, collate
 from ptutils.data import ArrayReader, Dataset, make_dataloader
+from ptutils.errors import DataError
 from ptutils.sampling import set_loader_position
 
 from .support.loaders import run_epoch, same
@@ -77,3 +78,13 @@ def test_batches_from_workers_stay_intact_while_their_blocks_are_reused(context:
     for (x, y), (ex, ey) in kept:
         assert x.dtype == torch.int16 and y.dtype == torch.int64
         assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+def test_samples_of_different_sizes_are_named_with_their_sizes_not_torchs_stack_error() -> None:
+    batch = [(torch.zeros(3, 4, 4), 0), (torch.zeros(3, 4, 4), 1), (torch.zeros(3, 6, 5), 0)]
+    with pytest.raises(DataError, match=r"different sizes in one batch \(field 0\).*3x4x4: sample 0 of the batch, "
+                                        r"sample 1 of the batch; 3x6x5: sample 2 of the batch; .*v2.Resize"):
+        collate(batch)
+    named = Samples(batch, lambda j: f"index {10 + j}", "somewhere")
+    with pytest.raises(DataError, match=r"^file 'somewhere': .*3x4x4: index 10, index 11; 3x6x5: index 12"):
+        collate(named)

@@ -20,7 +20,9 @@ from ptutils.data import (
     LoaderSettings,
     ResumableSampler,
     check_index,
+    check_requests,
     coalesce_runs,
+    make_dataloader,
     set_loader_position,
 )
 from ptutils.errors import ConfigError, DataError
@@ -119,7 +121,7 @@ def test_provider_answers_names_and_dict_requests(toy: Dataset) -> None:
 
 def test_provider_rejects_bad_requests_and_settings(toy: Dataset) -> None:
     provider = DatasetProvider({"train": toy})
-    with pytest.raises(ConfigError, match="no dataset named 'val'"):
+    with pytest.raises(ConfigError, match="no dataset 'val'; known: train$"):
         provider.get_dataloader("val")
     with pytest.raises(ConfigError, match="request.dataset"):
         provider.get_dataloader({"epoch": 1})
@@ -162,3 +164,23 @@ def test_subclass_can_route_requests_on_session_state(toy: Dataset) -> None:
     provider = Curriculum({"train": toy}, default={"batch_size": 5})
     assert provider.get_dataloader({"dataset": "train", "metrics": {"loss": 0.5}}).batch_sampler.batch_size == 5
     assert provider.get_dataloader({"dataset": "train", "metrics": {"loss": 0.01}}).batch_sampler.batch_size == 20
+
+
+def test_requests_are_checked_without_building_a_loader_and_errors_name_who_asked(toy: Dataset) -> None:
+    provider = DatasetProvider({"train": toy, "val": toy})
+    provider.check_request({"dataset": "val", "batch_size": 8})
+    with pytest.raises(ConfigError, match="'request.dataset': no dataset 'vall'; known: train, val$"):
+        provider.check_request("vall")
+    with pytest.raises(ConfigError, match=r"'updates\[0\]': no dataset 'vall'; known: train, val$"):
+        check_requests(provider, [("stages.train.data", "train"), ("updates[0]", "vall")])
+    with pytest.raises(ConfigError, match=r"'stages.a.data.batch_size': expected an int >= 1"):
+        check_requests(provider, [("stages.a.data", {"dataset": "train", "batch_size": 0})])
+
+    class Anything(DataProvider):
+        """A provider that cannot tell a request it answers from one it does not before it is asked."""
+
+        def get_dataloader(self, request):
+            return make_dataloader(toy)
+
+    check_requests(Anything(), [("updates[0]", "vall")])
+    check_requests(provider, [("stages.a.data", None), ("stages.b.data", lambda session: "vall")])  # made at run time

@@ -82,3 +82,58 @@ def test_a_session_steps_a_per_step_metric_scheduler_once_the_metric_exists(url)
                 stages=[{"name": "train", "data": "train", "max_epochs": 2}]).run()
     assert s.state == "complete"
     assert s.model.lr < 0.1  # every step of epoch 2 saw the same val_loss: a plateau
+
+
+def dict_batch_step(m, batch):
+    """A step function for dict batches, returning the targets so that metrics can use them."""
+    outputs = m.module(batch["features"])
+    return m.criterion(outputs, batch["class"]), outputs, batch["class"]
+
+
+def dict_batches(n: int = 3) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [{"features": torch.randn(4, 8, generator=g), "class": torch.tensor([0, 1, 1, 0])} for _ in range(n)]
+
+
+def test_a_step_function_returns_the_targets_for_the_metrics():
+    from ptutils.model import Model, accuracy
+
+    base = model()
+    m = Model(base.module, base.criterion, {"cls": "torch.optim.SGD", "lr": 0.1}, device="cpu",
+              step_fn=dict_batch_step, metrics={"accuracy": accuracy})
+    batch = dict_batches(1)[0]
+    m.train_step(batch)
+    assert m.step_metrics.keys() == {"accuracy"} and 0.0 <= float(m.step_metrics["accuracy"]) <= 1.0
+    _, values = m.eval_step(batch)
+    assert values["accuracy"] == accuracy(m.module(batch["features"]), batch["class"])
+
+
+def test_a_step_function_without_targets_is_refused_for_metrics_at_the_first_step():
+    from ptutils.errors import ConfigError
+    from ptutils.model import Model, accuracy
+
+    def no_targets(m, batch):
+        loss, outputs, _ = dict_batch_step(m, batch)
+        return loss, outputs
+
+    base = model()
+    plain = Model(base.module, base.criterion, {"cls": "torch.optim.SGD", "lr": 0.1}, device="cpu", step_fn=no_targets)
+    assert plain.train_step(dict_batches(1)[0]).dim() == 0  # without metrics, (loss, outputs) will do
+    m = Model(base.module, base.criterion, {"cls": "torch.optim.SGD", "lr": 0.1}, device="cpu",
+              step_fn=no_targets, metrics={"accuracy": accuracy})
+    with pytest.raises(ConfigError, match=r"'model.metrics': metrics accuracy need targets.*return \(loss, outputs, "
+                                          r"targets\)"):
+        m.train_step(dict_batches(1)[0])
+    with pytest.raises(ConfigError, match="need targets"):
+        m.eval_step(dict_batches(1)[0])
+
+
+def test_train_metrics_can_be_turned_off_to_save_their_per_step_cost():
+    from ptutils.model import Model, accuracy
+
+    base = model()
+    m = Model(base.module, base.criterion, {"cls": "torch.optim.SGD", "lr": 0.1}, device="cpu",
+              metrics={"accuracy": accuracy}, train_metrics=False)
+    m.train_step((torch.randn(4, 8), torch.tensor([0, 1, 0, 1])))
+    assert m.step_metrics == {}
+    assert m.eval_step((torch.randn(4, 8), torch.tensor([0, 1, 0, 1])))[1].keys() == {"accuracy"}

@@ -229,3 +229,18 @@ def test_multistage_provider_with_imagenet_and_an_image_folder_subclass(tmp_path
     rest = list(resumed)
     assert len(rest) == 2
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[1:], rest))
+
+
+def test_images_of_different_sizes_in_a_batch_name_their_files_and_sizes(tmp_path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "mixed"
+    written = write_image_folder(root, per_class=2)
+    Image.fromarray(np.zeros((12, 10, 3), dtype=np.uint8)).save(written[1][0])  # cat/001.png is now 12 high, 10 wide
+    loader = make_dataloader(Dataset(ImageFolderReader(root)), batch_size=4)
+    with pytest.raises(DataError, match=r"3x8x8: index 0 \(.*cat/000.png\), index 2 \(.*dog/000.png\) ...; "
+                                        r"3x12x10: index 1 \(.*cat/001.png\); give the Dataset a transform"):
+        next(iter(loader))
+    resized = Dataset(ImageFolderReader(root), transform=v2.Resize((8, 8), antialias=True))  # the fix the error names
+    images, _ = next(iter(make_dataloader(resized, batch_size=4)))
+    assert images.shape == (4, 3, 8, 8)

@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from ptutils import open_db
+from ptutils import session as session_module
 from ptutils.errors import (
     BackendUnavailableError,
+    ConfigError,
     SessionError,
 )
 from ptutils.session import Session
-from ptutils.status import StatusWriter, request_pause
-from ptutils.update import Monitor, Threshold, every_n_steps
+from ptutils.status import SESSIONS, StatusWriter, request_pause
+from ptutils.update import Evaluate, Monitor, Threshold, every_n_steps
 
 from .support.sessionkit import same_weights, session, weights
 
@@ -207,7 +209,7 @@ def test_session_on_cuda_checkpoints_and_resumes_exactly(url, tmp_path):
 
     def cuda_model():
         m = make_model()
-        return type(m)(m.module, m.criterion, {"cls": "torch.optim.SGD", "lr": 0.1}, device="cuda")
+        return type(m)(m.module, m.criterion, {"cls": "torch.optim.SGD", "lr": 0.1}, device="cuda", metrics=m.metrics)
 
     reference = session((tmp_path / "ref").as_uri(), model=cuda_model()).run()
     first = session(url, model=cuda_model(), updates=[every_n_steps(7, "pause")])
@@ -217,6 +219,7 @@ def test_session_on_cuda_checkpoints_and_resumes_exactly(url, tmp_path):
         resumed.run()
     assert next(resumed.model.module.parameters()).is_cuda
     assert same_weights(weights(resumed), weights(reference))
+    assert resumed.metrics == reference.metrics and "train_accuracy" in resumed.metrics  # epochs paused half-way
 
 
 @contextlib.contextmanager
@@ -238,19 +241,20 @@ def syncs_in(caught: list[warnings.WarningMessage]) -> int:
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_cuda_session_does_not_synchronise_every_step(tmp_path):
-    """The loop never reads the loss back per step: a run's device syncs do not grow with its steps."""
+    """The loop never reads the loss or the training metrics back per step: a run's device syncs do not grow
+    with its steps (the epoch means are read once an epoch)."""
     from .support.sessionkit import model as make_model
     from .support.sessionkit import provider
 
     def syncs(epochs: int) -> int:
         m = make_model()
-        cuda = type(m)(m.module, m.criterion, {"cls": "torch.optim.SGD", "lr": 0.1}, device="cuda")
+        cuda = type(m)(m.module, m.criterion, {"cls": "torch.optim.SGD", "lr": 0.1}, device="cuda", metrics=m.metrics)
         s = session((tmp_path / str(epochs)).as_uri(), model=cuda, data=provider(batch_size=1),
                     stages=[{"name": "train", "data": "train", "max_epochs": epochs}], status_interval=1.0,
                     checkpoint_every_epochs=None)  # checkpoints copy the state to the host, by design
         with cuda_sync_warnings() as caught:
             s.run()
-        assert s.state == "complete"
+        assert s.state == "complete" and "train_accuracy" in s.metrics
         return syncs_in(caught)
 
     with cuda_sync_warnings() as probe:
@@ -288,3 +292,61 @@ def test_epoch_event_is_logged_even_when_an_epoch_end_update_changes_stage(url):
     assert epochs[:2] == [("a", 1), ("a", 2)]
 
 
+
+
+def test_each_epoch_records_the_training_loss_and_metrics_and_their_history(url):
+    s = session(url, updates=[Evaluate("val")]).run()
+    epochs = s.events("epoch")
+    assert all({"train_loss", "train_accuracy", "val_loss", "val_accuracy"} <= e["metrics"].keys() for e in epochs)
+    history = s.metric_history("train_loss")
+    assert [(p.step, p.stage, p.epoch) for p in history] == [(5, "train", 1), (10, "train", 2), (15, "train", 3)]
+    assert [p.value for p in history] == [e["metrics"]["train_loss"] for e in epochs]
+    assert history[-1].value < history[0].value and s.metrics["train_loss"] == history[-1].value
+    assert [p.step for p in s.metric_history("val_accuracy")] == [5, 10, 15]
+    assert s.metric_history("nope") == []
+
+
+def test_the_training_loss_is_the_mean_of_the_epochs_steps(url):
+    seen = []
+    s = session(url, updates=[lambda sess: seen.append(float(sess.loss)) if sess.event == "step" else None],
+                stages=[{"name": "train", "data": "train", "max_epochs": 1}]).run()
+    assert s.metrics["train_loss"] == pytest.approx(sum(seen) / len(seen), rel=1e-6) and len(seen) == 5
+
+
+def test_the_metric_history_of_a_session_reopened_elsewhere(url):
+    first = session(url).run()
+    reopened = session(url, session_id=first.id)
+    assert reopened.metric_history("train_accuracy") == first.metric_history("train_accuracy")
+    assert len(reopened.metric_history("train_accuracy")) == 3
+
+
+def test_a_run_paused_mid_epoch_resumes_with_bitwise_the_same_weights_and_training_metrics(url, tmp_path, monkeypatch):
+    monkeypatch.setattr(session_module, "FOLD", 2)  # fold every 2 steps, so pauses fall between and after folds
+    reference = session((tmp_path / "ref").as_uri(), updates=[Evaluate("val")]).run()
+    s = session(url, updates=[Evaluate("val"), every_n_steps(3, "pause")])
+    s.run()
+    assert s.state == "paused" and s.batch_in_epoch == 3
+    while s.state != "complete":  # each time in a new Session, as a new process would
+        s.close()
+        s = session(url, session_id=s.id, updates=[Evaluate("val"), every_n_steps(3, "pause")])
+        s.run()
+    assert same_weights(weights(s), weights(reference))
+    assert s.metrics == reference.metrics
+    for name in ("train_loss", "train_accuracy", "val_loss"):
+        assert s.metric_history(name) == reference.metric_history(name), name
+
+
+def test_a_misspelled_data_name_fails_when_the_session_is_built(url):
+    with pytest.raises(ConfigError, match=r"'updates\[0\]': no dataset 'vall'; known: train, val$"):
+        session(url, updates=[Evaluate("vall")])
+    with pytest.raises(ConfigError, match=r"'stages.train.data': no dataset 'trian'; known: train, val$"):
+        session(url, stages=[{"name": "train", "data": "trian"}])
+    with pytest.raises(ConfigError, match=r"'stages.train.data.batch_size': expected an int >= 1"):
+        session(url, stages=[{"name": "train", "data": {"dataset": "train", "batch_size": 0}}])
+    assert open_db(url).collection(SESSIONS).load({}) == []  # refused before anything was recorded
+
+
+def test_an_epoch_a_step_budget_ends_part_way_still_records_its_means(url):
+    s = session(url, stages=[{"name": "train", "data": "train", "max_steps": 7}]).run()
+    assert [(p.step, p.epoch) for p in s.metric_history("train_loss")] == [(5, 1), (7, 2)]
+    assert s.metrics["train_loss"] == s.metric_history("train_loss")[-1].value
