@@ -27,6 +27,7 @@ DATA = block("HDF5Reader(")
 SUITE = block("BackendSuite")
 RESUMING = block("Session.resume(cfg.db")
 FINDING = block('keep_best="val_loss", db=db')
+METRICS = block("trained.metric_history(")
 
 
 def run_block(code: str) -> dict:
@@ -98,3 +99,11 @@ def test_finding_lists_sessions_and_gives_the_weights_back(tmp_path):
     assert ns["view"].id == session.id and ns["view"].state == "complete" and ns["dead"] == []
     assert torch.equal(ns["module"].weight, session.model.module.weight)
     assert set(ns["best"]) == {"weight", "bias"}
+
+
+def test_metrics_are_recorded_per_epoch_and_a_misspelled_request_is_refused_early(tmp_path, capsys):
+    ns = run_block(METRICS.replace("file:///tmp/ptutils-metrics", tmp_path.as_uri()))
+    trained = ns["trained"]
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy"} <= set(trained.metrics)
+    assert [p.epoch for p in trained.metric_history("train_loss")] == [1, 2, 3]
+    assert "config field 'updates[0]': no dataset 'vall'; known: train, val" in capsys.readouterr().out
