@@ -362,7 +362,7 @@ class CheckpointStore:
             "pinned": pinned,
             **info,
         }
-        ranked = self._ranking(info.get("metrics"))
+        ranked = self._rank_of(info.get("metrics"))
         if ranked is not None:
             record["best_by"] = ranked
         self.db.save(record)
@@ -374,7 +374,7 @@ class CheckpointStore:
             self._prune()
         return record
 
-    def _ranking(self, metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    def _rank_of(self, metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
         """What ranks a checkpoint with ``metrics`` by ``keep_best`` (None: it does not take part)."""
         if self.keep_best is None:
             return None
