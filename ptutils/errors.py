@@ -145,6 +145,27 @@ class DataError(PtutilsError):
         super().__init__(prefix + message)
 
 
+class GpuDiscoveryError(PtutilsError):
+    """GPUs could not be listed: a node's answer is malformed or its query failed; names the node and the line.
+
+    ``node`` is the host (or salt minion) whose output is at fault, ``None``
+    where the whole query failed; ``line_number`` counts from 1 within that
+    node's output and ``line`` is its text.
+    """
+
+    def __init__(self, node: str | None, message: str, *, line_number: int | None = None, line: str | None = None):
+        self.node = node
+        self.line_number = line_number
+        self.line = line
+        where = []
+        if node is not None:
+            where.append(f"node {node!r}")
+        if line_number is not None:
+            where.append(f"line {line_number} {line!r}")
+        prefix = f"{', '.join(where)}: " if where else ""
+        super().__init__(prefix + message)
+
+
 class Interrupted(KeyboardInterrupt):
     """``Session.run()`` was stopped by a signal (Ctrl-C's SIGINT, or SIGTERM); ``signal`` names it.
 
