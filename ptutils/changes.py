@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 
 from .config import Config
-from .errors import ConfigChangeError
+from .errors import ConfigChangeError, ConfigError
 from .model import Model
 
 NOT_COMPARED = ("name", "db", "checkpoint", "status_interval", "metadata")
@@ -116,6 +116,26 @@ class ConfigChanges:
             "attempt": attempt, "stage": stage, "step": step, "time": time.time(),
             "fields": [{"field": path, "from": old, "to": new} for path, (old, new) in self.fields.items()],
         }
+
+
+def apply_values(model: Model, values: Mapping[str, Any] | None) -> None:
+    """Set hyperparameters a checkpoint's load put back: ``model.optimizer.<key>`` in every param group, the clipping.
+
+    Other paths take effect where the session is built from its config (a
+    module's keyword, a stage's budget), so they need nothing here.  A key the
+    optimizer's param groups lack raises ConfigError naming the path.
+    """
+    for path, value in (values or {}).items():
+        if path == "model.grad_clip":
+            model.grad_clip = value
+        elif path.startswith("model.optimizer."):
+            key = path.removeprefix("model.optimizer.")
+            groups = model.optimizer.param_groups
+            if any(key not in group for group in groups):
+                raise ConfigError(path, f"the optimizer {type(model.optimizer).__name__} has no {key!r} in its "
+                                        f"param groups (it has {', '.join(sorted(groups[0]))})")
+            for group in groups:
+                group[key] = value
 
 
 def plan(session_id: str, recorded: Mapping[str, Any] | None, config: Config | None, asked: Iterable[str],
