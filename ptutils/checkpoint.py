@@ -384,21 +384,67 @@ class CheckpointStore:
         return {"metric": self.keep_best, "mode": self.best_mode, "value": float(value)}
 
     def _prune(self) -> None:
-        """Delete the oldest unpinned checkpoints beyond the last ``keep``, sparing the best one."""
+        """Delete the oldest unpinned checkpoints beyond the last ``keep``, sparing the best one and held ones."""
         best = None if self._best is None else self._best["_id"]
         spared = 0
         while len(self._unpinned) - spared > self.keep:
             record = self._unpinned[spared]
-            if record["_id"] == best:
-                spared += 1  # the best stays beside the last ``keep``
+            if record["_id"] == best or self.held(record):
+                spared += 1  # the best stays beside the last ``keep``; a held one until its holders let go
                 continue
             self.delete(record)
             del self._unpinned[spared]
 
     def delete(self, record: Mapping[str, Any]) -> None:
-        """Remove a checkpoint's record, then its blob."""
+        """Remove a checkpoint's record, then its blob (unless the blob is another session's, see :meth:`clone`)."""
         self.db.delete(record["_id"])
-        self.db.delete_blob(record["blob"])
+        if record.get("cloned_from") is None:
+            self.db.delete_blob(record["blob"])
+
+    # ------------------------------------------------------------------ shared checkpoints (tuning's exploit)
+    def _holds(self) -> DBInterface:
+        return self.db.collection(HOLDS)
+
+    def held(self, record: Mapping[str, Any]) -> bool:
+        """Whether another session still continues from this checkpoint's blob (a hold keeps it from pruning)."""
+        return self._holds().count({"checkpoint": record["_id"]}) > 0
+
+    def clone(self, donor: Mapping[str, Any], *, decision: str, attempt: int,
+              apply: Mapping[str, Any] | None = None) -> dict:
+        """Make another session's checkpoint this session's newest, by reference to its blob (no bytes copied).
+
+        The donor's checkpoint is held for this session first (its pruning
+        spares it) until :func:`release_holds` lets go, once this session has a
+        checkpoint of its own after it.  ``apply`` (dotted config paths) is set
+        on the model after every load of the clone (hyperparameters that the
+        donor's optimizer state would otherwise put back).  Idempotent per
+        ``decision``: a repeated call returns the record already written.
+        """
+        for record in self.records():
+            if (record.get("cloned_from") or {}).get("decision") == decision:
+                return record
+        self._holds().save({"_id": f"{donor['_id']}-by-{self.session_id}", "checkpoint": donor["_id"],
+                            "holder": self.session_id, "created": time.time()})
+        stored = self.records()
+        seq = 0 if not stored else stored[0]["seq"] + 1
+        keep = ("step", "stage", "stage_epoch", "batch_in_epoch", "metrics", "blob", "nbytes", "sha256")
+        record = {
+            "_id": f"{self.session_id}.ckpt{seq:08d}",
+            "session_id": self.session_id,
+            "seq": seq,
+            **{k: donor[k] for k in keep if k in donor},
+            "attempt": attempt,
+            "created": time.time(),
+            "pinned": False,
+            "reason": "exploit",
+            "cloned_from": {"session": donor["session_id"], "checkpoint": donor["_id"], "seq": donor["seq"],
+                            "sha256": donor["sha256"], "decision": decision},
+            "apply": dict(apply or {}),
+        }
+        self.db.save(record)
+        self._next_seq = None  # re-read on the next write
+        return record
+
 
     def read(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """Load and verify one checkpoint (CorruptionError if torn or altered)."""
@@ -453,3 +499,25 @@ class CheckpointStore:
             except StorageError:
                 raise
         return None
+
+
+HOLDS = "checkpoint_holds"
+"""The collection of holds: which session continues from which other session's checkpoint blob."""
+
+
+def release_holds(db: DBInterface, holder: str) -> list[str]:
+    """Let go of the checkpoints ``holder`` cloned once it has a checkpoint of its own after each; their ids.
+
+    ``db`` is the checkpoints' database (any collection of it).
+    """
+    holds = db.collection(HOLDS)
+    checkpoints = db.collection("checkpoints")
+    newest = checkpoints.load_one({"session_id": holder}, sort=[("seq", -1)])
+    released = []
+    for hold in holds.load({"holder": holder}):
+        clone = checkpoints.load_one({"session_id": holder, "cloned_from.checkpoint": hold["checkpoint"]},
+                                     sort=[("seq", -1)])
+        if newest is not None and (clone is None or newest["seq"] > clone["seq"]):
+            holds.delete(hold["_id"])
+            released.append(hold["checkpoint"])
+    return released

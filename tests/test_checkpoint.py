@@ -272,3 +272,36 @@ def test_a_garbled_ranking_is_no_best_checkpoint(tmp_path, garbled) -> None:
     ranked = CheckpointStore(open_db(tmp_path.as_uri()), "s", keep=1, keep_best="val_loss")  # a new process
     ranked.save({"w": torch.ones(1)}, step=2, metrics={"val_loss": 0.5})
     assert ranked.find("best")["step"] == 2
+
+
+# ---------------------------------------------------------------------- clones: one blob, two sessions
+def test_a_clone_points_at_the_donors_blob_and_applies_its_values(tmp_path):
+    db = open_db((tmp_path / "db").as_uri())
+    donor = CheckpointStore(db, "donor", keep=1)
+    donor_record = donor.save({"w": torch.arange(4.0)}, step=8, attempt=1, stage="train")
+    recipient = CheckpointStore(db, "recipient", keep=1)
+    recipient.save({"w": torch.zeros(4)}, step=8, attempt=1, stage="train")
+    clone = recipient.clone(donor_record, decision="r0", attempt=1, apply={"model.optimizer.lr": 0.5})
+    assert clone["blob"] == donor_record["blob"] and clone["seq"] == 1
+    assert clone["cloned_from"]["checkpoint"] == donor_record["_id"] and clone["apply"] == {"model.optimizer.lr": 0.5}
+    state, record = recipient.load_latest()
+    assert record["_id"] == clone["_id"] and torch.equal(state["w"], torch.arange(4.0))
+    assert recipient.clone(donor_record, decision="r0", attempt=1)["_id"] == clone["_id"]  # redone: no new record
+    assert len(recipient.records()) == 2
+
+
+def test_a_held_checkpoint_outlives_pruning_until_the_holder_has_its_own(tmp_path):
+    db = open_db((tmp_path / "db").as_uri())
+    donor = CheckpointStore(db, "donor", keep=1)
+    held = donor.save({"w": torch.ones(2)}, step=4, attempt=1)
+    recipient = CheckpointStore(db, "recipient", keep=1)
+    recipient.clone(held, decision="r0", attempt=1)
+    donor.save({"w": torch.full((2,), 2.0)}, step=8, attempt=1)  # would prune the held one
+    assert db.collection("checkpoints").exists(held["_id"])
+    assert ckpt.release_holds(db, "recipient") == []  # the recipient still continues from it
+    recipient.save({"w": torch.full((2,), 3.0)}, step=8, attempt=1)  # its own: prunes the clone, not the blob
+    assert db.collection("checkpoints").get_blob(held["blob"])
+    assert ckpt.release_holds(db, "recipient") == [held["_id"]]
+    donor.save({"w": torch.full((2,), 4.0)}, step=12, attempt=1)
+    assert not db.collection("checkpoints").exists(held["_id"])
+    assert [r["step"] for r in donor.records()] == [12]
