@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .checkpoint import CheckpointStore, deserialize, seed_everything, serialize, serialize_parts
-from .changes import ConfigChanges, plan
+from .changes import ConfigChanges, apply_values, plan
 from .config import Config, build, canonical_path, object_paths, paths_named
 from .data import DataProvider, check_requests
 from .database import BlobData, DBInterface, backend_for, check_id, open_db
@@ -780,6 +780,7 @@ class Session:
             raise CheckpointError(f"session {self.id!r} has no usable checkpoint to restore")
         state, record = found
         self._load_state(state, with_updates=with_updates)
+        apply_values(self.model, record.get("apply"))
         self.log_event("restore", checkpoint=record["_id"], restored_step=record["step"])
         return record
 
@@ -791,6 +792,7 @@ class Session:
             if stage in self.stages:
                 self._setup_stage(stage)
         self._load_state(state, with_updates=True)
+        apply_values(self.model, record.get("apply"))  # a clone's hyperparameters, over the donor's
         self._needs_restore = False
         dropped = self._status.drop_stored_after(record.get("attempt", self.attempt), record["step"])  # run again
         self.log_event("resume", checkpoint=record["_id"], restored_step=record["step"], dropped_events=dropped)
@@ -809,8 +811,14 @@ class Session:
             self.log_event("config_change", fields=entry["fields"])
 
     # ------------------------------------------------------------------ the loop
-    def run(self) -> Session:
+    def run(self, *, until_step: int | None = None) -> Session:
         """Run (or resume) until the session is complete, failed or paused; returns self.
+
+        With ``until_step`` it also pauses (reason ``"until step N"``, with a
+        checkpoint) once ``step`` reaches N in a training stage, after the epoch
+        that step ends (its metrics and updates) when it is an epoch's last; a
+        session that would finish there completes instead.  Tuning runs its
+        children this way, one perturbation interval at a time.
 
         An exception from a step or an update moves the session to ``failed``
         with its traceback recorded, then propagates.  Ctrl-C or SIGTERM (in the
@@ -822,6 +830,10 @@ class Session:
         if self.model is None:
             raise SessionError(f"session {self.id!r} has no model, so it has no loop to run: "
                                "drive it with start(), heartbeat() and complete()")
+        if until_step is not None and (not isinstance(until_step, int) or isinstance(until_step, bool)):
+            raise SessionError(f"until_step must be a step number (int), got {until_step!r}")
+        if until_step is not None and self.state == "paused" and self.step >= until_step:
+            return self  # already there: resuming would only pause again
         if self.state == "pending":
             if not self._fire("start"):
                 return self
@@ -834,7 +846,7 @@ class Session:
         signals = PauseOnSignals(self)
         try:
             with signals:
-                self._loop()
+                self._loop(-1 if until_step is None else until_step)
                 self.drain()
         except BaseException as exc:
             if exc is self._start_error:
@@ -907,7 +919,7 @@ class Session:
                 return
         self.complete()
 
-    def _loop(self) -> None:
+    def _loop(self, until: int) -> None:
         updates = self.updates
         pos = self.position
         model = self.model
@@ -921,6 +933,9 @@ class Session:
             if not self._budget_left(stage):
                 self._finish_stage()
                 continue
+            if 0 <= until <= pos.step and stage.mode == "train":
+                self.pause(reason=f"until step {until}")
+                break
             loader = self._get_loader()
             train = stage.mode == "train"
             step_fn = model.train_step if train else self._eval_batch
@@ -950,6 +965,8 @@ class Session:
                         means.add(model.step_metrics)
                     if len(losses) >= fold_at:
                         means.fold()
+                    if pos.step == until and pos.batch_in_epoch != self._loader_len:
+                        self._course_changed = True  # the epoch's last step instead ends its epoch first
                 self.event = "step"
                 if step_scheduler:
                     model.step_scheduler(self.metrics)

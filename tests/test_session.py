@@ -350,3 +350,23 @@ def test_an_epoch_a_step_budget_ends_part_way_still_records_its_means(url):
     s = session(url, stages=[{"name": "train", "data": "train", "max_steps": 7}]).run()
     assert [(p.step, p.epoch) for p in s.metric_history("train_loss")] == [(5, 1), (7, 2)]
     assert s.metrics["train_loss"] == s.metric_history("train_loss")[-1].value
+
+
+def test_run_until_a_step_pauses_there_and_goes_on_exactly(tmp_path):
+    """``run(until_step=N)`` pauses at step N (after the epoch N ends), as tuning runs children round by round."""
+    reference = session((tmp_path / "ref").as_uri(), name="ref").run()
+    s = session((tmp_path / "db").as_uri(), name="rounds")  # 5 steps an epoch, 3 epochs
+    s.run(until_step=3)
+    assert (s.state, s.step, s.record["pause_reason"]) == ("paused", 3, "until step 3")
+    s.run(until_step=5)  # the epoch's last step: its metrics are in before the pause
+    assert s.step == 5 and s.metric_history("train_loss")[-1].step == 5
+    assert s.run(until_step=5).step == 5  # already there: nothing runs
+    s.run(until_step=15)  # the end of the budget: it completes instead of pausing
+    assert (s.state, s.step) == ("complete", 15)
+    assert same_weights(weights(reference), weights(s))
+
+
+def test_run_until_refuses_a_step_that_is_not_an_int(tmp_path):
+    s = session((tmp_path / "db").as_uri())
+    with pytest.raises(SessionError, match="until_step"):
+        s.run(until_step=2.5)
