@@ -1,0 +1,268 @@
+"""Tuning sessions: a population of children run in rounds, decided on, resumed as a whole tree after kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ptutils import open_db
+from ptutils.checkpoint import HOLDS
+from ptutils.errors import ConfigError, SessionError
+from ptutils.nest import Tuning
+from ptutils.searchers import GridSearch, MedianStopping, RandomSearch
+from ptutils.spaces import Grid, LogUniform
+from ptutils.status import SESSIONS, request_pause
+
+from .support import tuningkit
+from .support.tuningkit import BASE, STEPS, pbt, result, tuning
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def same(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[c].keys() == b[c].keys() and all(torch.equal(a[c][k], b[c][k]) for k in a[c]) for c in a
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[list[tuple], dict]:
+    """The uninterrupted in-process run every other run must equal."""
+    url = (tmp_path_factory.mktemp("reference") / "db").as_uri()
+    with tuning(url) as t:
+        t.run()
+    return result(url)
+
+
+def test_pbt_decides_every_round_and_the_recipients_continue_from_their_donors(tmp_path):
+    url = (tmp_path / "db").as_uri()
+    checkpoints = open_db(url).collection("checkpoints")
+    clones = []
+
+    def look_at_the_clones(t: Tuning) -> None:
+        """After a round's effects, before the recipients run on: each clone is its donor's blob."""
+        latest = max(r["round"] for r in t.rows())
+        for row in t.rows():
+            if row["round"] == latest and row["action"] == "exploit":
+                clone = checkpoints.load_one({"session_id": row["child"], "cloned_from.decision": row["_id"]})
+                donor = checkpoints.load_from_id(row["donor_checkpoint"])
+                clones.append((row, clone, donor))
+
+    with tuning(url, on_round=look_at_the_clones) as t:
+        t.run()
+        rows = t.rows()
+        assert t.session.state == "complete"
+        assert [r["t"] for r in rows if r["child"] == t.children[0]] == [5, 10, 15, 20]  # one row a round
+        exploits = [r for r in rows if r["action"] == "exploit"]
+        assert exploits and all(r["quantile"] == "lower" and r["donor"] != r["child"] for r in exploits)
+        assert all(r["action"] == "done" for r in rows if r["t"] == STEPS)
+        assert len(clones) == len(exploits)
+        for row, clone, donor in clones:  # no bytes copied: the donor's blob, with the new values to apply
+            assert clone["blob"] == donor["blob"] and clone["sha256"] == donor["sha256"]
+            assert clone["apply"] == row["new_values"] and clone["step"] == donor["step"] == row["t"]
+        db = open_db(url)
+        for child in t.children:  # each child trained on with the lr its record holds
+            record = db.collection(SESSIONS).load_from_id(child)
+            state, _ = tuningkit.final_state(url, child)
+            lr = record["tuning"]["values"]["model.optimizer.lr"]
+            assert state["model"]["optimizer"]["param_groups"][0]["lr"] == lr
+            assert record["state"] == "complete" and record["parent_id"] == t.id
+        assert db.collection(HOLDS).count({}) == 0  # every clone has a checkpoint of its own after it
+        summary = t.session.record["tuning"]["summary"]
+        assert summary["counts"] == {"complete": 4}
+        assert summary["best"] == t.best() and summary["best"]["child"] in t.children
+        assert len(summary["population"]) == 4
+        recipient = exploits[0]["child"]
+        line = t.lineage(recipient)
+        assert line[0]["from_t"] == 0 and line[0]["values"] is None  # generation 0 of some child
+        assert any(seg["child"] == recipient for seg in line) and line[-1]["to_t"] is None
+        table = t.table()
+        assert table.splitlines()[0].split()[:4] == ["child", "state", "step", "val_loss"]
+
+
+def test_the_same_seed_gives_the_same_rows_and_weights_and_another_seed_does_not(tmp_path, reference):
+    again = (tmp_path / "again").as_uri()
+    with tuning(again) as t:
+        t.run()
+    assert result(again)[0] == reference[0] and same(result(again)[1], reference[1])
+    other = (tmp_path / "other").as_uri()
+    with tuning(other, searcher=pbt(seed=8)) as t:
+        t.run()
+    assert result(other)[0] != reference[0]
+
+
+def test_a_local_pool_gives_the_in_process_result(tmp_path, reference):
+    url = (tmp_path / "db").as_uri()
+    with tuning(url, executor={"kind": "pool", "workers": 2}) as t:
+        t.run()
+    rows, weights = result(url)
+    assert rows == reference[0] and same(weights, reference[1])
+
+
+def _run_killed(url: str, point: str, nth: int, executor: str = "inprocess", *, group: bool = False,
+                step_sleep: float = 0.0) -> int:
+    """Run the tuning in a child process that SIGKILLs itself at ``point`` (or, with ``group``, its whole group)."""
+    env = {**os.environ, "PTUTILS_TEST_STEP_SLEEP": str(step_sleep), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "tests.support.tuningkit", url, "pbt", "--kill-at", point, "--nth", str(nth),
+           "--executor", executor]
+    if group:
+        cmd.append("--kill-group")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    return proc.returncode
+
+
+def _claims_alternate(url: str, children: list[str]) -> None:
+    """No child was held by two processes at once: claims and releases alternate, one owner at a time.
+
+    A claim may follow an unreleased one only when that owner was killed: its process is gone and never
+    claims again.
+    """
+    from ptutils.status import pid_alive
+
+    sessions = open_db(url).collection(SESSIONS)
+    for child in children:
+        claims = sessions.load_from_id(child).get("claims") or []
+        owner = None
+        for i, entry in enumerate(claims):
+            if entry["event"] == "claim":
+                if owner is not None:
+                    later = {e["pid"] for e in claims[i:]}
+                    assert not pid_alive(owner) and owner not in later, \
+                        f"{child}: claimed by {entry['pid']} while {owner} held it"
+                owner = entry["pid"]
+            else:
+                assert entry["pid"] == owner
+                owner = None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point, nth", [
+    ("rows", 2),        # after a round's decision rows, before the round is marked decided
+    ("clone", 1),       # between a decision and its effect: the clone written, the recipient's config not
+    ("checkpoint", 7),  # half-way through a child's checkpoint blob
+])
+def test_a_parent_killed_in_process_resumes_to_the_uninterrupted_result(tmp_path, reference, point, nth):
+    url = (tmp_path / "db").as_uri()
+    _run_killed(url, point, nth)
+    with Tuning.resume(url, "pbt") as t:
+        t.run()
+        assert t.session.state == "complete"
+    rows, weights = result(url)
+    assert rows == reference[0] and same(weights, reference[1])
+    _claims_alternate(url, t.children)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group", [False, True], ids=["workers-outlive-the-parent", "whole-group-killed"])
+def test_a_parent_killed_mid_round_on_the_pool_resumes_to_the_same_result(tmp_path, reference, group):
+    url = (tmp_path / "db").as_uri()
+    _run_killed(url, "round", 2, "pool", group=group, step_sleep=0.05)
+    with Tuning.resume(url, "pbt") as t:
+        t.run()
+    rows, weights = result(url)
+    assert rows == reference[0] and same(weights, reference[1])
+    if not group:  # the orphaned workers finished their round (asked to pause) before any new claim
+        _claims_alternate(url, t.children)
+    deadline = time.monotonic() + 10
+    while _orphans(url) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _orphans(url), "pool workers of the killed parent are still alive"
+
+
+def _orphans(url: str) -> list[int]:
+    """Pids of processes still holding a child's claim (workers of a killed parent)."""
+    from ptutils.status import pid_alive
+
+    sessions = open_db(url).collection(SESSIONS)
+    pids = {e["pid"] for c in sessions.load({"parent_id": "pbt"}) for e in c.get("claims") or []}
+    return [p for p in pids if pid_alive(p)]
+
+
+def test_a_pause_asked_through_the_record_stops_between_rounds_and_resume_goes_on(tmp_path, reference):
+    url = (tmp_path / "db").as_uri()
+    paused = []
+
+    def ask_after_round_one(t: Tuning) -> None:
+        if t.rows() and max(r["round"] for r in t.rows()) == 1 and not paused:
+            request_pause(url, t.id, "see the table")
+            paused.append(True)
+
+    with tuning(url, on_round=ask_after_round_one) as t:
+        t.run()
+        assert t.session.state == "paused" and t.session.record["pause_reason"] == "see the table"
+    with Tuning.resume(url, "pbt") as t:
+        t.run()
+    rows, weights = result(url)
+    assert rows == reference[0] and same(weights, reference[1])
+
+
+def test_random_search_with_median_stopping_stops_the_hopeless(tmp_path):
+    url = (tmp_path / "db").as_uri()
+    searcher = RandomSearch(6, seed=3, stopper=MedianStopping("val_loss", "min", grace_period=5, min_samples_required=3))
+    with Tuning(BASE, searcher, space={"model.optimizer.lr": LogUniform(1e-4, 1.0)}, db=url, interval=5) as t:
+        t.run()
+        records = open_db(url).collection(SESSIONS).load({"parent_id": t.id})
+        outcomes = sorted(r["outcome"] for r in records)
+        assert "stopped" in outcomes and "success" in outcomes
+        stops = [r for r in t.rows() if r["action"] == "stop"]
+        assert {r["child"] for r in stops} == {r["_id"] for r in records if r["outcome"] == "stopped"}
+
+
+def test_grid_search_runs_every_point_to_the_end(tmp_path):
+    url = (tmp_path / "db").as_uri()
+    space = {"model.optimizer.lr": Grid([0.01, 0.1]), "model.optimizer.momentum": Grid([0.0, 0.9])}
+    with Tuning(BASE, GridSearch(), space=space, db=url, metric="val_loss", mode="min") as t:
+        t.run()
+        table = t.population()
+        assert sorted((p["values"]["model.optimizer.lr"], p["values"]["model.optimizer.momentum"]) for p in table) == \
+            [(0.01, 0.0), (0.01, 0.9), (0.1, 0.0), (0.1, 0.9)]
+        assert all(p["state"] == "complete" and p["step"] == STEPS for p in table)
+        assert {r["action"] for r in t.rows()} == {"done"}
+
+
+def test_async_pbt_decides_each_child_as_it_arrives(tmp_path):
+    url = (tmp_path / "db").as_uri()
+    with tuning(url, searcher=pbt(synch=False)) as t:
+        t.run()
+        rows = t.rows()
+        assert t.session.state == "complete"
+        assert {p["state"] for p in t.population()} == {"complete"}
+        assert any(r["action"] == "exploit" for r in rows)
+
+
+def test_bad_input_is_refused_naming_the_field(tmp_path):
+    url = (tmp_path / "db").as_uri()
+    with pytest.raises(ConfigError, match="model.optimiser.lr"):
+        Tuning(BASE, pbt(hyperparam_mutations={"model.optimiser.lr": LogUniform(1e-3, 1.0)}), db=url)
+    with pytest.raises(ConfigError, match="model.optimizer.lr"):
+        Tuning(BASE, pbt(), initial=[{"model.optimizer.lr": 5.0}] * 4, db=url)
+    with pytest.raises(ConfigError, match="executor.kind"):
+        Tuning(BASE, pbt(), executor="slurm", db=url).run()
+    obj = {**BASE, "model": {**BASE["model"], "module": torch.nn.Linear(8, 2)}}
+    with pytest.raises(ConfigError, match="model.module"):
+        Tuning(obj, pbt(), db=url)
+    with pytest.raises(ConfigError, match="tuning.metric"):
+        Tuning(BASE, RandomSearch(2), space={"model.optimizer.lr": LogUniform(1e-3, 1.0)}, db=url)
+    with tuning(url, session_id="first") as t:
+        pass
+    with pytest.raises(SessionError, match="another searcher"):
+        tuning(url, session_id="first", searcher=pbt(seed=99))
+    with pytest.raises(SessionError, match="not a tuning session"):
+        Tuning.resume(url, _plain_session(url))
+
+
+def _plain_session(url: str) -> str:
+    from .support.sessionkit import session
+
+    s = session(url, name="plain")
+    s.close()
+    return s.id
