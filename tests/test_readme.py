@@ -28,6 +28,7 @@ SUITE = block("BackendSuite")
 RESUMING = block("Session.resume(cfg.db")
 FINDING = block('keep_best="val_loss", db=db')
 METRICS = block("trained.metric_history(")
+TUNING = block("Tuning(config, pbt")
 
 
 def run_block(code: str) -> dict:
@@ -107,3 +108,15 @@ def test_metrics_are_recorded_per_epoch_and_a_misspelled_request_is_refused_earl
     assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy"} <= set(trained.metrics)
     assert [p.epoch for p in trained.metric_history("train_loss")] == [1, 2, 3]
     assert "config field 'updates[0]': no dataset 'vall'; known: train, val" in capsys.readouterr().out
+
+
+def test_tuning_runs_a_population_on_the_pool_and_finds_a_good_child(tmp_path):
+    code = TUNING.replace("file:///tmp/ptutils-tuning", tmp_path.as_uri())
+    namespace: dict = {"__name__": "__main__"}
+    exec(compile(code, "README.md", "exec"), namespace)
+    tuning = namespace["tuning"]
+    assert tuning.session.state == "complete"
+    assert [p["state"] for p in tuning.population()] == ["complete"] * 4
+    assert tuning.best()["score"] > 0.8
+    assert tuning.lineage(tuning.best()["child"])[0]["from_t"] == 0
+    assert any(r["action"] == "exploit" for r in tuning.rows())
