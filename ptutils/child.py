@@ -27,6 +27,7 @@ import torch
 
 from .database import DBInterface, open_db
 from .errors import ConflictError, NotFoundError, SessionError
+from .session import Session
 from .status import SESSIONS, is_stale, pid_alive
 
 CLAIM_GRACE_S = 60.0
@@ -105,8 +106,6 @@ def release(sessions: DBInterface, child_id: str, token: str) -> None:
 
 def run_child(task: ChildTask) -> dict[str, Any]:
     """Run one round of a child (see :class:`ChildTask`); returns ``{"child", "outcome", "state", "step"}``."""
-    from .session import Session  # the session is only needed where a round actually runs
-
     old_env = {key: os.environ.get(key) for key in task.env}
     os.environ.update(task.env)
     old_threads = torch.get_num_threads()
