@@ -130,3 +130,23 @@ def test_events_flushed_from_two_threads_while_a_third_logs_are_stored_once_each
         t.join()
     status.flush()
     assert sorted(e["stage_epoch"] for e in status.load_events("epoch")) == list(range(300))
+
+
+def test_a_zombie_process_is_not_alive():
+    """A killed worker whose parent has not reaped it yet must not keep its claim or its running record."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from ptutils.status import pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while pid_alive(child.pid) and time.monotonic() < deadline:  # exited, not waited for: a zombie
+        time.sleep(0.05)
+    assert not pid_alive(child.pid)
+    assert open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    child.wait()
+    assert not pid_alive(child.pid)
+    assert pid_alive(os.getpid())
