@@ -422,8 +422,13 @@ class Tuning:
                     pending[self._executor.submit(self._task(child, until))] = child
 
     def _wait_while_held(self, child: str) -> None:
+        """Wait for the process that holds ``child`` to let go (or die), beating the parent's heartbeat meanwhile."""
+        beat = time.monotonic()
         while claim_refused(self.sessions.load_from_id(child)) is not None:
             time.sleep(POLL_S)
+            if time.monotonic() - beat > HEARTBEAT_S:
+                self.session.heartbeat()
+                beat = time.monotonic()
 
     def _run_async(self) -> None:
         """Ray's default PBT: each child is decided on as soon as it reaches its boundary (order-dependent)."""
