@@ -5,16 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from ptutils.errors import ConfigError
 from ptutils.executors import InProcess, LocalPool, make_executor
+from ptutils.nest import Tuning
 
-from .support.tuningkit import result, tuning
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(all(torch.equal(a[c][k], b[c][k]) for k in a[c]) for c in a)
+from .support.tuningkit import result, same, tuning
 
 
 def test_an_executor_is_chosen_by_name_or_settings_and_refuses_what_it_does_not_know():
@@ -65,3 +61,20 @@ def test_ray_gives_the_in_process_result(tmp_path, ray_local):
     want, got = result(reference), result(url)
     assert got[0] == want[0] and same(got[1], want[1])
     assert ray_local.is_initialized()  # the executor leaves a Ray it did not start running
+
+
+@pytest.mark.slow
+def test_a_ray_driver_killed_mid_round_resumes_on_ray_to_the_same_result(tmp_path, ray_local):
+    from .support.tuningkit import claims_alternate, kill_session, run_killed
+
+    reference = (tmp_path / "reference").as_uri()
+    with tuning(reference) as t:
+        t.run()
+    url = (tmp_path / "ray").as_uri()
+    sid = run_killed(url, "round", 2, "ray", group=True, step_sleep=0.05)
+    kill_session(sid)  # Ray's dashboard and runtime-env agents outlive a killed driver (Ray's behaviour)
+    with Tuning.resume(url, "pbt", executor={"kind": "ray"}) as t:
+        t.run()
+    want, got = result(reference), result(url)
+    assert got[0] == want[0] and same(got[1], want[1])
+    claims_alternate(url, t.children)

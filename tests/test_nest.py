@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,16 +16,7 @@ from ptutils.spaces import Grid, LogUniform
 from ptutils.status import SESSIONS, request_pause
 
 from .support import tuningkit
-from .support.tuningkit import BASE, STEPS, pbt, result, tuning
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def same(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]]) -> bool:
-    return a.keys() == b.keys() and all(
-        a[c].keys() == b[c].keys() and all(torch.equal(a[c][k], b[c][k]) for k in a[c]) for c in a
-    )
-
+from .support.tuningkit import BASE, STEPS, claims_alternate, pbt, result, run_killed, same, tuning
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> tuple[list[tuple], dict]:
@@ -106,44 +92,6 @@ def test_a_local_pool_gives_the_in_process_result(tmp_path, reference):
     assert rows == reference[0] and same(weights, reference[1])
 
 
-def _run_killed(url: str, point: str, nth: int, executor: str = "inprocess", *, group: bool = False,
-                step_sleep: float = 0.0) -> int:
-    """Run the tuning in a child process that SIGKILLs itself at ``point`` (or, with ``group``, its whole group)."""
-    env = {**os.environ, "PTUTILS_TEST_STEP_SLEEP": str(step_sleep), "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "tests.support.tuningkit", url, "pbt", "--kill-at", point, "--nth", str(nth),
-           "--executor", executor]
-    if group:
-        cmd.append("--kill-group")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    return proc.returncode
-
-
-def _claims_alternate(url: str, children: list[str]) -> None:
-    """No child was held by two processes at once: claims and releases alternate, one owner at a time.
-
-    A claim may follow an unreleased one only when that owner was killed: its process is gone and never
-    claims again.
-    """
-    from ptutils.status import pid_alive
-
-    sessions = open_db(url).collection(SESSIONS)
-    for child in children:
-        claims = sessions.load_from_id(child).get("claims") or []
-        owner = None
-        for i, entry in enumerate(claims):
-            if entry["event"] == "claim":
-                if owner is not None:
-                    later = {e["pid"] for e in claims[i:]}
-                    assert not pid_alive(owner) and owner not in later, \
-                        f"{child}: claimed by {entry['pid']} while {owner} held it"
-                owner = entry["pid"]
-            else:
-                assert entry["pid"] == owner
-                owner = None
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("point, nth", [
     ("rows", 2),        # after a round's decision rows, before the round is marked decided
@@ -152,26 +100,26 @@ def _claims_alternate(url: str, children: list[str]) -> None:
 ])
 def test_a_parent_killed_in_process_resumes_to_the_uninterrupted_result(tmp_path, reference, point, nth):
     url = (tmp_path / "db").as_uri()
-    _run_killed(url, point, nth)
+    run_killed(url, point, nth)
     with Tuning.resume(url, "pbt") as t:
         t.run()
         assert t.session.state == "complete"
     rows, weights = result(url)
     assert rows == reference[0] and same(weights, reference[1])
-    _claims_alternate(url, t.children)
+    claims_alternate(url, t.children)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("group", [False, True], ids=["workers-outlive-the-parent", "whole-group-killed"])
 def test_a_parent_killed_mid_round_on_the_pool_resumes_to_the_same_result(tmp_path, reference, group):
     url = (tmp_path / "db").as_uri()
-    _run_killed(url, "round", 2, "pool", group=group, step_sleep=0.05)
+    run_killed(url, "round", 2, "pool", group=group, step_sleep=0.05)
     with Tuning.resume(url, "pbt") as t:
         t.run()
     rows, weights = result(url)
     assert rows == reference[0] and same(weights, reference[1])
     if not group:  # the orphaned workers finished their round (asked to pause) before any new claim
-        _claims_alternate(url, t.children)
+        claims_alternate(url, t.children)
     deadline = time.monotonic() + 10
     while _orphans(url) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -16,7 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -103,6 +107,76 @@ def result(url: str, session_id: str = "pbt") -> tuple[list[tuple], dict[str, di
     return rows, weights
 
 
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def same(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]]) -> bool:
+    """Whether two runs left every child with bitwise the same weights."""
+    return a.keys() == b.keys() and all(
+        a[c].keys() == b[c].keys() and all(torch.equal(a[c][k], b[c][k]) for k in a[c]) for c in a
+    )
+
+
+def run_killed(url: str, point: str, nth: int, executor: str = "inprocess", *, group: bool = False,
+                step_sleep: float = 0.0) -> int:
+    """Run the tuning in a child process that SIGKILLs itself at ``point`` (or, with ``group``, its whole group).
+
+    Returns its pid, which is also its session id: what it started (pool workers, Ray) shares it.
+    """
+    env = {**os.environ, "PTUTILS_TEST_STEP_SLEEP": str(step_sleep), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "tests.support.tuningkit", url, "pbt", "--kill-at", point, "--nth", str(nth),
+           "--executor", executor]
+    if group:
+        cmd.append("--kill-group")
+    with tempfile.TemporaryFile("w+") as err:  # not a pipe: processes it leaves behind would hold a pipe open
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                start_new_session=True)
+        proc.wait(timeout=300)
+        err.seek(0)
+        assert proc.returncode == -signal.SIGKILL, err.read()[-2000:]
+    return proc.pid
+
+
+def claims_alternate(url: str, children: list[str]) -> None:
+    """No child was held by two processes at once: claims and releases alternate, one owner at a time.
+
+    A claim may follow an unreleased one only when that owner was killed: its process is gone and never
+    claims again.
+    """
+    from ptutils import open_db
+    from ptutils.status import SESSIONS, pid_alive
+
+    sessions = open_db(url).collection(SESSIONS)
+    for child in children:
+        claims = sessions.load_from_id(child).get("claims") or []
+        owner = None
+        for i, entry in enumerate(claims):
+            if entry["event"] == "claim":
+                if owner is not None:
+                    later = {e["pid"] for e in claims[i:]}
+                    assert not pid_alive(owner) and owner not in later, \
+                        f"{child}: claimed by {entry['pid']} while {owner} held it"
+                owner = entry["pid"]
+            else:
+                assert entry["pid"] == owner
+                owner = None
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process left in session ``sid`` (Ray's agents outlive a killed driver)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid:
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
 GROUP = {"kill": False}
 
 
@@ -174,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     GROUP["kill"] = args.kill_group
     if args.kill_at:
         _kill_at(args.kill_at, args.nth)
-    executor = {"kind": "pool", "workers": 2} if args.executor == "pool" else args.executor
+    executor = {"pool": {"kind": "pool", "workers": 2}, "ray": {"kind": "ray", "num_cpus": 2}}.get(args.executor,
+                                                                                           args.executor)
     with tuning(args.url, args.session_id, executor=executor) as t:
         t.run()
         print(t.table(), flush=True)
