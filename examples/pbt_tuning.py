@@ -145,7 +145,7 @@ def arm_summary(tuning: Tuning, db: str, test: TensorDataset, wall_s: float) -> 
     exploits = sum(1 for r in tuning.rows() if r["action"] == "exploit")
     return {"session": tuning.id, "wall_s": round(wall_s, 1), "children": children,
             "test_accuracies": accuracies, "best_test_accuracy": max(accuracies),
-            "median_test_accuracy": statistics.median(accuracies), "exploits": exploits,
+            "median_test_accuracy": round(statistics.median(accuracies), 4), "exploits": exploits,
             "rounds": tuning.session.record["tuning"]["round"], "table": tuning.table()}
 
 
