@@ -123,7 +123,7 @@ def executor_settings(kind: str) -> str | dict[str, Any]:
     return {"kind": "pool", "workers": 2} if kind == "pool" else kind
 
 
-def test_accuracy(db: str, child: str, test: TensorDataset) -> float:
+def score_on_test(db: str, child: str, test: TensorDataset) -> float:
     """The accuracy of ``child``'s final weights on the test split."""
     module = mlp()
     module.load_state_dict(load_weights(db, child))
@@ -140,25 +140,27 @@ def arm_summary(tuning: Tuning, db: str, test: TensorDataset, wall_s: float) -> 
     for index, row in enumerate(tuning.population()):
         children.append({"child": row["child"], "state": row["state"], "steps": row["step"],
                          METRIC: row["score"], "generation": row["generation"], "initial": initial[index],
-                         "values": row["values"], "test_accuracy": round(test_accuracy(db, row["child"], test), 4)})
+                         "values": row["values"], "test_accuracy": round(score_on_test(db, row["child"], test), 4)})
     accuracies = [c["test_accuracy"] for c in children]
     exploits = sum(1 for r in tuning.rows() if r["action"] == "exploit")
     return {"session": tuning.id, "wall_s": round(wall_s, 1), "children": children,
             "test_accuracies": accuracies, "best_test_accuracy": max(accuracies),
             "median_test_accuracy": round(statistics.median(accuracies), 4), "exploits": exploits,
-            "rounds": tuning.session.record["tuning"]["round"], "table": tuning.table()}
+            "rounds": tuning.session.record["tuning"]["round"], "table": tuning.table().splitlines()}
 
 
-def run_arm(tuning: Tuning) -> tuple[Tuning, float]:
+def timed_run(tuning: Tuning) -> float:
+    """Run (or finish, or read back) the tuning; the seconds it took."""
     start = time.perf_counter()
     tuning.run()
-    return tuning, time.perf_counter() - start
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("ptutils-pbt"), help="folder for the data and the database")
-    parser.add_argument("--epochs", type=int, default=40, help=f"epochs per child (PBT decides every {INTERVAL_EPOCHS})")
+    parser.add_argument("--epochs", type=int, default=40,
+                        help=f"epochs per child (PBT decides every {INTERVAL_EPOCHS})")
     parser.add_argument("--seed", type=int, default=0, help="data, initial values and weights, PBT's draws")
     parser.add_argument("--executor", choices=("pool", "inprocess", "ray"), default="pool")
     parser.add_argument("--quiet", action="store_true", help="no population tables while running")
@@ -176,23 +178,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def show(tuning: Tuning) -> None:
         if not args.quiet:
-            print(f"-- {tuning.session.name} round {tuning.session.record['tuning']['round']}", flush=True)
-            print(tuning.table(), flush=True)
+            rounds = tuning.session.record["tuning"]["round"]
+            print(f"-- {tuning.session.name}, after round {rounds}", tuning.table(), sep="\n", flush=True)
 
     pbt = PBT(metric=METRIC, mode=MODE, perturbation_interval=INTERVAL_EPOCHS * steps_per_epoch,
               hyperparam_mutations=SPACE, population_size=POPULATION_SIZE, seed=args.seed)
     tag = f"s{args.seed}-e{args.epochs}"
     with Tuning(config, pbt, executor=executor, db=db, name="pbt", session_id=f"pbt-{tag}", on_round=show) as tuning:
-        pbt_tuning, pbt_wall = run_arm(tuning)
+        pbt_wall = timed_run(tuning)
         initial = tuning.session.record["tuning"]["initial"]
         test = _split(str(data), "test")
-        pbt_arm = arm_summary(pbt_tuning, db, test, pbt_wall)
+        pbt_arm = arm_summary(tuning, db, test, pbt_wall)
 
     random = RandomSearch(num_samples=POPULATION_SIZE, seed=args.seed)
     with Tuning(config, random, space=SPACE, initial=initial, executor=executor, db=db, name="random",
                 session_id=f"random-{tag}", metric=METRIC, mode=MODE, on_round=show) as tuning:
-        rs_tuning, rs_wall = run_arm(tuning)
-        rs_arm = arm_summary(rs_tuning, db, test, rs_wall)
+        rs_arm = arm_summary(tuning, db, test, timed_run(tuning))
 
     summary = {
         "db": db,
@@ -210,8 +211,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "pbt": pbt_arm,
         "random": rs_arm,
     }
-    if not args.quiet:
-        print(f"-- final population tables\n[pbt]\n{pbt_arm['table']}\n[random]\n{rs_arm['table']}", flush=True)
     print(json.dumps(summary, indent=2))
     return summary
 
