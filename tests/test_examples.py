@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -64,3 +66,15 @@ def test_demo_pauses_on_ctrl_c_and_resumes_to_the_same_result(tmp_path):
     resumed = summary_of(run_example("demo.py", "--out", str(out), "--epochs", "6", "--quiet", "--resume", paused["session"]))
     assert resumed["state"] == "complete"
     assert resumed["steps"] == reference["steps"] and resumed["metrics"] == reference["metrics"]
+
+
+@pytest.mark.slow  # two tunings of 4 children x 40 epochs on the pool: ~20 s idle, ~50 s on a loaded machine
+def test_pbt_tuning_beats_random_search_with_the_same_start_and_compute(tmp_path):
+    summary = summary_of(run_example("pbt_tuning.py", "--out", str(tmp_path), "--quiet"))
+    pbt, random = summary["pbt"], summary["random"]
+    assert summary["pbt_best_test_accuracy"] > summary["random_median_test_accuracy"]
+    for arm in (pbt, random):
+        assert len(arm["children"]) == 4
+        assert all(c["state"] == "complete" and c["steps"] == 40 * 16 for c in arm["children"])
+    assert pbt["exploits"] >= 1 and random["exploits"] == 0
+    assert [c["initial"] for c in pbt["children"]] == [c["initial"] for c in random["children"]] == summary["initial"]
