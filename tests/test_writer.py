@@ -97,14 +97,22 @@ def test_a_failed_write_ahead_is_undone_once_where_it_is_awaited():
 def test_an_interrupt_while_waiting_for_the_write_ahead_neither_undoes_nor_forgets_it():
     """A Ctrl-C lands in the loop's wait, not in the write: the write goes on and is awaited again."""
     writer, undone = BackgroundWriter("s", OutageClock()), []
-    waiting, release = threading.Event(), threading.Event()
+    waiting, release, raised = threading.Event(), threading.Event(), threading.Event()
+
+    def interrupt(signum, frame) -> None:
+        if not raised.is_set():  # the first one that lands: later ones were only sent in case it got lost
+            raised.set()
+            raise KeyboardInterrupt
 
     def write() -> None:
         waiting.wait(10)
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        # Sent again until it lands: one arriving just before the main thread blocks would wait with it.
+        while not raised.is_set() and not release.is_set():
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            raised.wait(0.05)
         release.wait(10)
 
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = signal.signal(signal.SIGINT, interrupt)
     try:
         writer.ahead(write, undone.append)
         with pytest.raises(KeyboardInterrupt):
