@@ -355,8 +355,8 @@ class Tuning:
         record = self.sessions.load_from_id(child)
         checkpoints = self._checkpoint_db().collection("checkpoints")
         store = CheckpointStore(self._checkpoint_db(), child)
-        store.clone(checkpoints.load_from_id(donor_ckpt), decision=row["_id"], attempt=int(record.get("attempt", 1)),
-                    apply=row["new_values"])
+        donor = checkpoints.load_from_id(donor_ckpt)
+        store.clone(donor, decision=row["_id"], attempt=int(record.get("attempt", 1)), apply=row["new_values"])
         info = record["tuning"]
         if info.get("exploited") == row["_id"]:
             return
@@ -367,7 +367,8 @@ class Tuning:
                               for p, v in row["new_values"].items()]}
         self.sessions.update(child, {
             "$set": {"config": config, "tuning.values": dict(row["new_values"]), "tuning.exploited": row["_id"],
-                     "tuning.generation": int(info.get("generation", 0)) + 1},
+                     "tuning.generation": int(info.get("generation", 0)) + 1,
+                     "metrics": dict(donor.get("metrics") or {})},  # it holds the donor's weights now
             "$push": {"config_changes": changes},
         }, expected_version=record["_version"])
 
