@@ -73,6 +73,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -181,6 +182,55 @@ def descendants(pid: int) -> list[tuple[int, str]]:
     return found
 
 
+class Others:
+    """How many cores processes outside this one's tree used meanwhile (the machine is shared).
+
+    A thread samples ``/proc/stat`` (every process's CPU) and this process's
+    tree (itself and its live descendants: pool workers, Ray's raylet and its
+    workers) every 0.5 s; a process's last sample counts once it has exited.
+    """
+
+    def __init__(self) -> None:
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _busy() -> int:
+        with open("/proc/stat") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+        return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+
+    def _ours(self) -> None:
+        for pid in [os.getpid()] + [p for p, _ in descendants(os.getpid())]:
+            try:
+                with open(f"/proc/{pid}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                self._seen[pid] = max(self._seen.get(pid, 0), int(fields[11]) + int(fields[12]))
+            except (OSError, IndexError, ValueError):
+                continue
+
+    def __enter__(self) -> Others:
+        self._seen: dict[int, int] = {}
+        self._ours()
+        self._base = dict(self._seen)
+        self._busy0, self._t0 = self._busy(), time.perf_counter()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self._ours()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._ours()
+        ours = sum(v - self._base.get(p, 0) for p, v in self._seen.items())
+        wall = time.perf_counter() - self._t0
+        self.cores = max(0.0, (self._busy() - self._busy0 - ours) / self.tick / wall)
+
+
 def pids_alive(pids: set[int]) -> list[int]:
     alive = []
     for pid in pids:
@@ -231,18 +281,21 @@ class Bench:
         t0 = time.perf_counter()
         executor = Kept(make_executor(settings_of(variant, self.args.workers)))
         created = time.perf_counter()
-        warm_url = self.url()
-        run_tuning(warm_url, self.warm_config, RandomSearch(executor.capacity, seed=99), executor)
-        started = time.perf_counter()
-        url = self.url()
-        steady = run_tuning(url, self.config, self.searcher(), executor)
-        t1 = time.perf_counter()
-        executor.shutdown()
-        closed = time.perf_counter() - t1
+        try:
+            warm_url = self.url()
+            run_tuning(warm_url, self.warm_config, RandomSearch(executor.capacity, seed=99), executor)
+            started = time.perf_counter()
+            url = self.url()
+            with Others() as others:
+                steady = run_tuning(url, self.config, self.searcher(), executor)
+        finally:
+            t1 = time.perf_counter()
+            executor.shutdown()
+            closed = time.perf_counter() - t1
         warm_pids, pids = claim_pids(warm_url), claim_pids(url)
         self.worker_pids |= warm_pids | pids
         out = {"create": created - t0, "startup": started - t0, "steady": steady, "close": closed,
-               "workers": len(pids), "reused": pids <= warm_pids, "same": self.check("search", url)}
+               "others": others.cores, "workers": len(pids), "reused": pids <= warm_pids, "same": self.check("search", url)}
         if variant == "inprocess":
             self.discard(self.last_inprocess or "")
             self.last_inprocess = url
@@ -260,10 +313,11 @@ class Bench:
                            population_size=self.args.children, seed=self.args.seed)
         else:
             config, searcher = self.config, self.searcher()
-        wall = run_tuning(url, config, searcher, settings_of(variant, self.args.workers))
+        with Others() as others:
+            wall = run_tuning(url, config, searcher, settings_of(variant, self.args.workers))
         pids = claim_pids(url)
         self.worker_pids |= pids
-        out = {"cold": wall, "workers": len(pids), "same": self.check("pbt" if pbt else "search", url)}
+        out = {"cold": wall, "cold_others": others.cores, "workers": len(pids), "same": self.check("pbt" if pbt else "search", url)}
         if pbt:
             rows = result(url)[0]
             out["exploits"] = sum(1 for r in rows if r[6] == "exploit")
@@ -379,7 +433,7 @@ def main() -> None:
 
     print()
     print(f"{'variant':<10} {'start-up s':>10} {'steady s':>9} {'cold s':>7} {'close s':>8} {'eff steady':>11} "
-          f"{'eff w/ start':>13} {'workers':>8} {'reused':>7} {'same result':>12}")
+          f"{'eff w/ start':>13} {'others':>7} {'workers':>8} {'reused':>7} {'same result':>12}")
     for variant in args.variants:
         ws, cs = warm[variant], cold[variant]
         n = 1 if variant == "inprocess" else args.workers
@@ -392,7 +446,7 @@ def main() -> None:
         same_all = all(r["same"] for r in ws + cs)
         print(f"{variant:<10} {fmt(median([w['startup'] for w in ws])):>10} {fmt(median([w['steady'] for w in ws])):>9} "
               f"{fmt(median(cold_times)):>7} {fmt(median([w['close'] for w in ws])):>8} {fmt(median(steady_eff), '.3f'):>11} "
-              f"{fmt(median(cold_eff), '.3f'):>13} {max([w['workers'] for w in ws] + [c['workers'] for c in cs]):>8} "
+              f"{fmt(median(cold_eff), '.3f'):>13} {fmt(median([w['others'] for w in ws])):>7} {max([w['workers'] for w in ws] + [c['workers'] for c in cs]):>8} "
               f"{'yes' if all(w['reused'] for w in ws) else 'no':>7} {('baseline' if variant == 'inprocess' else 'yes' if same_all else 'NO'):>12}")
     if args.pbt:
         print()
