@@ -420,12 +420,12 @@ class CheckpointStore:
         donor's optimizer state would otherwise put back).  Idempotent per
         ``decision``: a repeated call returns the record already written.
         """
-        for record in self.records():
+        stored = self.records()
+        for record in stored:
             if (record.get("cloned_from") or {}).get("decision") == decision:
                 return record
         self._holds().save({"_id": f"{donor['_id']}-by-{self.session_id}", "checkpoint": donor["_id"],
                             "holder": self.session_id, "created": time.time()})
-        stored = self.records()
         seq = 0 if not stored else stored[0]["seq"] + 1
         keep = ("step", "stage", "stage_epoch", "batch_in_epoch", "metrics", "blob", "nbytes", "sha256")
         record = {
