@@ -225,7 +225,12 @@ class Tuning:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> Tuning:
-        """Run (or go on with) the tuning until every child has finished; returns self."""
+        """Run (or go on with) the tuning until every child has finished; returns self.
+
+        Ctrl-C (or SIGTERM) pauses the children at their next step and the parent,
+        then raises :class:`~ptutils.errors.Interrupted`: ``Tuning.resume(db, id).run()``
+        goes on to the same result.
+        """
         session = self.session
         if session.state == "complete":
             return self
@@ -247,6 +252,10 @@ class Tuning:
         except Exception as exc:
             if session.state in ("running", "paused"):
                 session.fail(exc)
+            raise
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the children pause themselves; the parent records it too
+            if session.state == "running":
+                session.pause(reason="interrupted")
             raise
         finally:
             self._executor.close()

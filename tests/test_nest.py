@@ -214,3 +214,27 @@ def _plain_session(url: str) -> str:
     s = session(url, name="plain")
     s.close()
     return s.id
+
+
+@pytest.mark.slow
+def test_ctrl_c_pauses_the_children_and_the_parent_and_resume_goes_on_to_the_same_result(tmp_path, reference):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    url = (tmp_path / "db").as_uri()
+    env = {**os.environ, "PTUTILS_TEST_STEP_SLEEP": "0.05", "PYTHONPATH": str(tuningkit.ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.support.tuningkit", url, "pbt"], cwd=tuningkit.ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rows = open_db(url).collection("population")
+    deadline = time.monotonic() + 120
+    while rows.count({"parent": "pbt"}) < 4 and time.monotonic() < deadline:  # the first round is decided
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert "interrupted" in out and "state=paused" in out, out[-2000:]
+    with Tuning.resume(url, "pbt") as t:
+        t.run()
+    got = result(url)
+    assert got[0] == reference[0] and same(got[1], reference[1])

@@ -250,9 +250,14 @@ def main(argv: list[str] | None = None) -> None:
         _kill_at(args.kill_at, args.nth)
     executor = {"pool": {"kind": "pool", "workers": 2}, "ray": {"kind": "ray", "num_cpus": 2}}.get(args.executor,
                                                                                            args.executor)
+    from ptutils.errors import Interrupted
+
     with tuning(args.url, args.session_id, executor=executor) as t:
-        t.run()
-        print(t.table(), flush=True)
+        try:
+            t.run()
+        except Interrupted as exc:
+            print(f"interrupted: {exc}", flush=True)
+        print(f"state={t.session.state}", flush=True)
 
 
 if __name__ == "__main__":
