@@ -99,7 +99,7 @@ class SaveGroup:
         return _as_dict(self, omit_none=LOCATION_KEYS + ("db",))
 
 
-_SAVE_FREQS = ("save_metrics_freq", "save_valid_freq", "save_filters_freq", "cache_filters_freq", "cache_max_num")
+_SAVE_FREQS = ("save_metrics_freq", "save_valid_freq", "save_filters_freq", "cache_filters_freq")
 
 
 def build_save(raw: Mapping[str, Any], ignored: Ignored) -> SaveGroup:
@@ -109,6 +109,10 @@ def build_save(raw: Mapping[str, Any], ignored: Ignored) -> SaveGroup:
     for key in _SAVE_FREQS:
         if key in fields:
             fields[key] = _freq(f"save_params.{key}", fields[key])
+    if "cache_max_num" in fields:
+        keep = fields["cache_max_num"]
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            raise ConfigError("save_params.cache_max_num", f"expected a number of checkpoints >= 0, got {keep!r}")
     if fields.get("save_intermediate_freq") is not None:
         fields["save_intermediate_freq"] = _freq("save_params.save_intermediate_freq", fields["save_intermediate_freq"])
     if "save_to_gfs" in fields:
