@@ -1,0 +1,23 @@
+"""Compatibility with TFUtils: its params dicts, defaults and save schedule, for PyTorch callables.
+
+So far the foundation the engine builds on: :func:`normalize` turns a TFUtils params
+dict (any of its three eras' shapes) into a typed :class:`Params`; :mod:`.schedule`
+gives TFUtils' save schedule in closed form; :mod:`.aggregation` has its validation
+helpers.  Importing this package needs no database driver.
+"""
+
+from .aggregation import append_and_return, identity_func, mean_dict, reduce_mean_dict, to_plain
+from .defaults import ClipOptimizer, cross_entropy_per_case, exponential_decay, get_loss_dict, mean_loss
+from .groups import (
+    FuncSpec, LearningRateGroup, LoadGroup, LossGroup, ModelGroup, OptimizerGroup, SaveGroup, TrainGroup,
+    ValidationSet,
+)
+from .losses import compute_loss
+from .params import Params, check_arguments, model_kwargs, normalize
+
+__all__ = [
+    "ClipOptimizer", "FuncSpec", "LearningRateGroup", "LoadGroup", "LossGroup", "ModelGroup", "OptimizerGroup",
+    "Params", "SaveGroup", "TrainGroup", "ValidationSet", "append_and_return", "check_arguments", "compute_loss",
+    "cross_entropy_per_case", "exponential_decay", "get_loss_dict", "identity_func", "mean_dict", "mean_loss",
+    "model_kwargs", "normalize", "reduce_mean_dict", "to_plain",
+]
