@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 
 from .child import ChildTask, run_child
-from .errors import ConfigError
+from .errors import ConfigError, Interrupted
 from .gpus import Node, Placement, choose_devices, local_gpus
 
 KINDS = ("inprocess", "pool", "ray")
@@ -64,7 +64,7 @@ class InProcess(Executor):
         future: Future = Future()
         try:
             future.set_result(run_child(attrs.evolve(task, threads=self.threads)))
-        except Exception as exc:
+        except (Exception, Interrupted) as exc:  # a signal paused the child: the tuning decides what follows
             future.set_exception(exc)
         return future
 

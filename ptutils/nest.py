@@ -37,12 +37,13 @@ import numpy as np
 from .checkpoint import CheckpointStore, release_holds
 from .child import ChildTask, claim_refused
 from .config import Config, object_paths
-from .database import DBInterface
-from .errors import ConfigError, SessionError
+from .database import DBInterface, open_db
+from .errors import ConfigError, Interrupted, SessionError
 from .executors import Executor, make_executor
 from .population import POPULATION, best, generation, lineage, table
 from .searchers import PBT, Decision, GridSearch, Member, RandomSearch, searcher_from_dict
 from .session import Session, default_db_url
+from .signals import PauseOnSignals
 from .spaces import SearchSpace
 from .status import SESSIONS, is_stale, pause_request, request_pause
 
@@ -136,6 +137,9 @@ class Tuning:
         self.sessions = self.db.collection(SESSIONS)
         self.rows_db = self.db.collection(POPULATION)
         self._executor: Executor | None = None
+        self._interrupt: str | None = None
+        """The signal (or reason) that asked the tuning to pause, set by :meth:`request_pause`."""
+        self._checkpoints: DBInterface | None = None
         self._state: dict[str, Any] = dict(self.session.record.get("tuning") or {})
         if not self._state:
             self._state = self._initial_state()
@@ -235,20 +239,25 @@ class Tuning:
         if session.state == "complete":
             return self
         self._executor = make_executor(self._executor_settings)
+        self._interrupt = None
+        signals = PauseOnSignals(self)
         try:
-            if session.state == "pending":
-                session.start()
-            elif session.state == "paused":
-                session.resume()
-            self._take_over_children()
-            self._make_children()
-            if isinstance(self.searcher, PBT) and not self.searcher.synch:
-                self._run_async()
-            else:
-                self._run_synch()
-            if session.state == "running":
-                self._write_summary()
-                session.complete()
+            with signals:
+                if session.state == "pending":
+                    session.start()
+                elif session.state == "paused":
+                    session.resume()
+                self._take_over_children()
+                self._make_children()
+                if isinstance(self.searcher, PBT) and not self.searcher.synch:
+                    self._run_async()
+                else:
+                    self._run_synch()
+                if self._interrupt is not None and session.state == "running":
+                    session.pause(reason=self._interrupt)
+                elif session.state == "running":
+                    self._write_summary()
+                    session.complete()
         except Exception as exc:
             if session.state in ("running", "paused"):
                 session.fail(exc)
@@ -260,6 +269,7 @@ class Tuning:
         finally:
             self._executor.close()
             self._executor = None
+        signals.raise_if_paused()
         return self
 
     def _take_over_children(self) -> None:
@@ -300,6 +310,8 @@ class Tuning:
                 until = self._boundary(min(int(records[c].get("step") or 0) for c in live))
                 self._write_state(until=until, until_round=self._state["round"])
             self._run_round(live, until)
+            if self._interrupt is not None:
+                return  # the round is not over: a resume runs it to the same step
             records = self._records()
             rows = self._decide_round(records)
             self._apply(rows)
@@ -320,6 +332,8 @@ class Tuning:
                 if m.score is not None:
                     history.setdefault(m.id, {})[m.t] = m.score
             decisions = self.searcher.decide(members, history)
+        ended = {r["child"] for r in self.rows() if r["action"] == "done"}  # a finished child's row is written once
+        decisions = [d for d in decisions if d.child not in ended]
         rows = [self._row(rnd, i, d, records) for i, d in enumerate(decisions)]
         self.rows_db.save_many(rows)  # written before any of it takes effect
         self._write_state(decided=rnd, rng=_rng_state(rng))
@@ -354,7 +368,13 @@ class Tuning:
             release_holds(self._checkpoint_db(), child)
 
     def _checkpoint_db(self) -> DBInterface:
-        return self.db  # children keep checkpoints beside their records unless their config says otherwise
+        """Where the children keep their checkpoints: beside their records, or the config's ``checkpoint.db``."""
+        url = self.config.checkpoint.db
+        if url is None:
+            return self.db
+        if self._checkpoints is None:
+            self._checkpoints = open_db(url)
+        return self._checkpoints
 
     def _exploit(self, row: Mapping[str, Any]) -> None:
         """The recipient continues from the donor's checkpoint, by reference, with the new values applied."""
@@ -412,24 +432,63 @@ class Tuning:
                          until=until)
 
     def _run_round(self, children: Sequence[str], until: int | None) -> None:
-        """Run every child to ``until``; a child another process holds is waited for, then run."""
+        """Run every child to ``until``; a child another process holds is waited for, then run.
+
+        After a signal (:meth:`request_pause`) no round starts any more, the running
+        ones are asked to pause, and this returns once they have.
+        """
         assert self._executor is not None
-        pending: dict[Future, str] = {self._executor.submit(self._task(c, until)): c for c in children}
+        todo, pending = list(children), {}
+        asked = False
         beat = time.monotonic()
-        while pending:
+        while todo or pending:
+            while todo and self._interrupt is None:
+                child = todo.pop(0)
+                pending[self._executor.submit(self._task(child, until))] = child
+            if self._interrupt is not None and not asked:
+                todo.clear()
+                asked = True
+                for future, child in list(pending.items()):
+                    if future.cancel():
+                        del pending[future]
+                    else:
+                        request_pause(self.db, child, f"the tuning session got {self._interrupt}")
+            if not pending:
+                break
             done, _ = wait(list(pending), timeout=POLL_S, return_when=FIRST_COMPLETED)
             if time.monotonic() - beat > HEARTBEAT_S:
                 self.session.heartbeat()
                 beat = time.monotonic()
             for future in done:
                 child = pending.pop(future)
-                result = future.result()
+                try:
+                    result = future.result()
+                except Interrupted:
+                    continue  # a child run in this process paused itself on the signal: its record says so
                 if result["outcome"] == "stale":
                     raise SessionError(f"tuning session {self.id!r} is being run by another process "
                                        f"(its record has another run token)")
-                if result["outcome"] == "busy":
+                if result["outcome"] == "busy" and self._interrupt is None:
                     self._wait_while_held(child)
-                    pending[self._executor.submit(self._task(child, until))] = child
+                    todo.append(child)
+
+    # ------------------------------------------------------------------ signals (what PauseOnSignals uses)
+    @property
+    def is_running(self) -> bool:
+        return self.session.is_running
+
+    @property
+    def state(self) -> str:
+        return self.session.state
+
+    @property
+    def step(self) -> int:
+        """The round the tuning is in (its time, as a child's is its step)."""
+        return int(self._state["round"])
+
+    def request_pause(self, reason: str = "requested") -> None:
+        """Pause after the rounds now running pause (safe from a signal handler: it only sets a flag)."""
+        self._interrupt = reason
 
     def _wait_while_held(self, child: str) -> None:
         """Wait for the process that holds ``child`` to let go (or die), beating the parent's heartbeat meanwhile."""
@@ -451,15 +510,29 @@ class Tuning:
             if not row.get("applied"):
                 self._apply([row])
         for child, record in self._records().items():
-            if not _done(record):
+            if not _done(record) and self._interrupt is None:
                 until = self._boundary(int(record.get("step") or 0))
                 pending[self._executor.submit(self._task(child, until))] = child
+        asked = False
         while pending:
+            if self._interrupt is not None and not asked:  # a signal: no new rounds, the running ones pause
+                asked = True
+                for future, child in list(pending.items()):
+                    if future.cancel():
+                        del pending[future]
+                    else:
+                        request_pause(self.db, child, f"the tuning session got {self._interrupt}")
+                continue
             done, _ = wait(list(pending), timeout=HEARTBEAT_S, return_when=FIRST_COMPLETED)
             self.session.heartbeat()
             for future in done:
                 child = pending.pop(future)
-                result = future.result()
+                try:
+                    result = future.result()
+                except Interrupted:
+                    continue
+                if self._interrupt is not None:
+                    continue
                 if result["outcome"] == "busy":
                     self._wait_while_held(child)
                 records = self._records()
@@ -519,6 +592,9 @@ class Tuning:
 
     def close(self) -> None:
         """Close the parent session's databases."""
+        if self._checkpoints is not None:
+            self._checkpoints.close()
+            self._checkpoints = None
         self.session.close()
 
     def __enter__(self) -> Tuning:

@@ -11,7 +11,7 @@ from ptutils import open_db
 from ptutils.checkpoint import HOLDS
 from ptutils.errors import ConfigError, SessionError
 from ptutils.nest import Tuning
-from ptutils.searchers import GridSearch, MedianStopping, RandomSearch
+from ptutils.searchers import GridSearch, MedianStopping, RandomSearch, SuccessiveHalving
 from ptutils.spaces import Grid, LogUniform
 from ptutils.status import SESSIONS, request_pause
 
@@ -165,6 +165,21 @@ def test_random_search_with_median_stopping_stops_the_hopeless(tmp_path):
         assert {r["child"] for r in stops} == {r["_id"] for r in records if r["outcome"] == "stopped"}
 
 
+def test_successive_halving_keeps_the_top_half_at_each_rung(tmp_path):
+    url = (tmp_path / "db").as_uri()
+    searcher = RandomSearch(4, seed=1, stopper=SuccessiveHalving("val_loss", "min", min_steps=5, reduction_factor=2))
+    with Tuning(BASE, searcher, space={"model.optimizer.lr": LogUniform(1e-4, 1.0)}, db=url) as t:
+        t.run()
+        rows = t.rows()
+        at5 = sorted((r for r in rows if r["round"] == 0), key=lambda r: r["score"])  # the first rung: 5 steps
+        assert [(r["t"], r["action"]) for r in at5] == [(5, "continue")] * 2 + [(5, "stop")] * 2
+        at10 = sorted((r for r in rows if r["round"] == 1 and r["t"] == 10), key=lambda r: r["score"])
+        assert [r["action"] for r in at10] == ["continue", "stop"]
+        steps = sorted(p["step"] for p in t.population())
+        assert steps == [5, 5, 10, STEPS]  # the last one ran to the end of its budget (the next rung, 20)
+        assert sorted(r["child"] for r in rows if r["action"] == "done") == sorted(t.children)  # once each
+
+
 def test_grid_search_runs_every_point_to_the_end(tmp_path):
     url = (tmp_path / "db").as_uri()
     space = {"model.optimizer.lr": Grid([0.01, 0.1]), "model.optimizer.momentum": Grid([0.0, 0.9])}
@@ -238,3 +253,17 @@ def test_ctrl_c_pauses_the_children_and_the_parent_and_resume_goes_on_to_the_sam
         t.run()
     got = result(url)
     assert got[0] == reference[0] and same(got[1], reference[1])
+
+
+def test_every_backend_holds_a_tuning_and_gives_the_same_result(db_url, reference):
+    """The rows, claims, clones and holds go through the DBInterface: the same tuning on any backend."""
+    import uuid
+
+    session_id = f"pbt-{uuid.uuid4().hex[:6]}"
+    with tuning(db_url, session_id=session_id) as t:
+        t.run()
+        assert t.session.state == "complete"
+    rows, weights = result(db_url, session_id)
+    renamed = [tuple(v.replace(session_id, "pbt") if isinstance(v, str) else v for v in row) for row in rows]
+    assert renamed == reference[0]
+    assert same({c.replace(session_id, "pbt"): w for c, w in weights.items()}, reference[1])
