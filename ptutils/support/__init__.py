@@ -21,3 +21,8 @@ __all__ = [
     "cross_entropy_per_case", "exponential_decay", "get_loss_dict", "identity_func", "mean_dict", "mean_loss",
     "model_kwargs", "normalize", "reduce_mean_dict", "to_plain",
 ]
+
+from .records import load_gfs_items, open_records  # noqa: E402
+from .train import HiLossError, NanLossError, train_from_params  # noqa: E402
+
+__all__ += ["HiLossError", "NanLossError", "load_gfs_items", "open_records", "train_from_params"]
