@@ -26,3 +26,6 @@ from .records import load_gfs_items, open_records  # noqa: E402
 from .train import HiLossError, NanLossError, train_from_params  # noqa: E402
 
 __all__ += ["HiLossError", "NanLossError", "load_gfs_items", "open_records", "train_from_params"]
+from .evaluate import test_from_params  # noqa: E402
+
+__all__ += ["test_from_params"]

@@ -430,7 +430,12 @@ def _load_weights(module_model: Model, state: Mapping[str, Any]) -> None:
     """A checkpoint's module weights (and optimizer slots when they fit) into a fresh Model."""
     module_model.module.load_state_dict(state["model"]["module"])
     optimizer = state["model"].get("optimizer")
-    if optimizer is not None and module_model.optimizer is not None:
+    current = module_model.optimizer
+    if optimizer is not None and current is not None:
+        saved_keys = set((optimizer.get("param_groups") or [{}])[0]) - {"params"}
+        if saved_keys != set(current.param_groups[0]) - {"params"}:
+            log.info("optimizer state of the loaded checkpoint not restored: another optimizer made it")
+            return
         try:
             module_model.optimizer.load_state_dict(optimizer)
         except (ValueError, KeyError, RuntimeError) as exc:
