@@ -268,3 +268,26 @@ def test_unsup_vvs_shape_branches_from_a_query(loc: dict) -> None:
     assert args["loaded"][0]["exp_id"] == "fit_v4"
     for store in args["dbinterface"]:
         store.close()
+
+
+def huge_loss(outputs, labels):
+    return 1e6 * torch.nn.functional.cross_entropy(outputs, labels, reduction="none")
+
+
+def test_clip_clamps_gradient_values(loc: dict) -> None:
+    """ClipOptimizer's clip=True: each gradient element in [-1, 1], so one plain SGD step moves a weight by <= lr."""
+    lr = 0.01
+    p = params(loc, "clip", 1, loss_params={"pred_targets": ["labels"], "loss_func": huge_loss},
+               learning_rate_params={"func": lambda global_step: lr},
+               optimizer_params={"func": tp.ClipOptimizer, "optimizer_class": torch.optim.SGD, "clip": True})
+    p["train_params"]["thres_loss"] = float("inf")
+    args = train_from_params(**p, dont_run=True)
+    model = args["model"][0]
+    before = [t.detach().clone() for t in model.module.parameters()]
+    args["session"][0].run(until_step=1)
+    moved = max(float((t.detach() - b).abs().max()) for t, b in zip(model.module.parameters(), before))
+    assert 0 < moved <= lr * (1 + 1e-5)  # unclipped, the 1e6-scaled loss would move it by ~1e3
+    for session in args["session"]:
+        session.close()
+    for store in args["dbinterface"]:
+        store.close()
