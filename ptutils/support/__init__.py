@@ -1,6 +1,8 @@
 """Compatibility with TFUtils: its params dicts, defaults and save schedule, for PyTorch callables.
 
-So far the foundation the engine builds on: :func:`normalize` turns a TFUtils params
+:func:`train_from_params` and :func:`test_from_params` run TFUtils params dicts on ptutils
+Sessions and write TFUtils' records (:mod:`.train`, :mod:`.evaluate`, :mod:`.records`).
+Underneath: :func:`normalize` turns a TFUtils params
 dict (any of its three eras' shapes) into a typed :class:`Params`; :mod:`.schedule`
 gives TFUtils' save schedule in closed form; :mod:`.aggregation` has its validation
 helpers.  Importing this package needs no database driver.
