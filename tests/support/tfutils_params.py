@@ -26,6 +26,17 @@ class _DictDataset(TensorDataset):
         return {"images": images, "labels": labels}
 
 
+class ImagesLinear(nn.Module):
+    """A linear layer over ``inputs['images']``: TFUtils' model funcs take the batch dict, so these modules do too."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.linear = nn.Linear(4, num_classes)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.linear(inputs["images"])
+
+
 def image_data(group: str = "train", batch_size: int = 8, **_kwargs: Any) -> _DictDataset:
     """A Dataset of 4-feature 'images' with labels in 0..2 (stands for ImageNetDataProvider and friends)."""
     gen = torch.Generator().manual_seed(0 if group == "train" else 1)
@@ -35,7 +46,7 @@ def image_data(group: str = "train", batch_size: int = 8, **_kwargs: Any) -> _Di
 
 def alexnet_model(num_classes: int = 3, **_kwargs: Any) -> nn.Module:
     """A one-layer 'AlexNet' (``model_params['func']``)."""
-    return nn.Linear(4, num_classes)
+    return ImagesLinear(num_classes)
 
 
 def return_outputs(inputs: dict[str, torch.Tensor], outputs: torch.Tensor, targets: list[str]) -> dict[str, Any]:
@@ -123,7 +134,7 @@ def cs375_alexnet() -> dict[str, Any]:
 
 def build_output(num_classes: int = 3, **_kwargs: Any) -> nn.Module:
     """LocalAggregation's model func (``build_output(inputs, train, **kw)`` in TF)."""
-    return nn.Linear(4, num_classes)
+    return ImagesLinear(num_classes)
 
 
 def rep_loss_func(inputs: dict[str, torch.Tensor], outputs: torch.Tensor, gpu_offset: int = 0) -> dict[str, Any]:
@@ -194,7 +205,7 @@ def local_aggregation() -> dict[str, Any]:
 
 def fit_model(layer: str = "fc", **_kwargs: Any) -> nn.Module:
     """unsup_vvs' neural-fitting model func (one of ~30 kwargs shown)."""
-    return nn.Linear(4, 3)
+    return ImagesLinear(3)
 
 
 def neural_loss(outputs: torch.Tensor, labels: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
