@@ -448,11 +448,7 @@ class Tuning:
             if self._interrupt is not None and not asked:
                 todo.clear()
                 asked = True
-                for future, child in list(pending.items()):
-                    if future.cancel():
-                        del pending[future]
-                    else:
-                        request_pause(self.db, child, f"the tuning session got {self._interrupt}")
+                self._pause_rounds(pending)
             if not pending:
                 break
             done, _ = wait(list(pending), timeout=POLL_S, return_when=FIRST_COMPLETED)
@@ -490,6 +486,14 @@ class Tuning:
         """Pause after the rounds now running pause (safe from a signal handler: it only sets a flag)."""
         self._interrupt = reason
 
+    def _pause_rounds(self, pending: dict[Future, str]) -> None:
+        """After a signal: drop the rounds not started yet, ask the running ones to pause (they write it)."""
+        for future, child in list(pending.items()):
+            if future.cancel():
+                del pending[future]
+            else:
+                request_pause(self.db, child, f"the tuning session got {self._interrupt}")
+
     def _wait_while_held(self, child: str) -> None:
         """Wait for the process that holds ``child`` to let go (or die), beating the parent's heartbeat meanwhile."""
         beat = time.monotonic()
@@ -517,11 +521,7 @@ class Tuning:
         while pending:
             if self._interrupt is not None and not asked:  # a signal: no new rounds, the running ones pause
                 asked = True
-                for future, child in list(pending.items()):
-                    if future.cancel():
-                        del pending[future]
-                    else:
-                        request_pause(self.db, child, f"the tuning session got {self._interrupt}")
+                self._pause_rounds(pending)
                 continue
             done, _ = wait(list(pending), timeout=HEARTBEAT_S, return_when=FIRST_COMPLETED)
             self.session.heartbeat()
