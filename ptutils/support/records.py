@@ -2,7 +2,7 @@
 
 Two stores with one interface:
 
-* :class:`MongoRecords` (``save_params`` with ``host port dbname collname``): records in
+* ``MongoRecords`` in ``ptutils.backends.tfutils_mongo`` (``save_params`` with ``host port dbname collname``): records in
   ``<dbname>.<collname>.files``, as TFUtils wrote them, so analysis scripts'
   ``MongoClient(host, port)[dbname][collname + '.files'].find(...)`` see the same
   documents (ObjectId ``_id``, datetime ``uploadDate``); cached checkpoints' records in
@@ -24,7 +24,6 @@ pointing to a blob.  :func:`load_gfs_items` reads them back.
 
 from __future__ import annotations
 
-import datetime
 import inspect
 import math
 import time
@@ -38,7 +37,7 @@ from ..checkpoint import deserialize, serialize
 from ..database import DBInterface, new_id, open_db
 from ..errors import ConfigError
 
-__all__ = ["DBRecords", "MongoRecords", "RecordStore", "load_gfs_items", "open_records", "sonify"]
+__all__ = ["DBRecords", "RecordStore", "load_gfs_items", "open_records", "sonify"]
 
 RESERVED_COLLECTIONS = ("sessions", "events", "checkpoints", "checkpoint_holds")
 
@@ -182,70 +181,6 @@ class RecordStore:
         self.ckpt_db.close()
 
 
-class MongoRecords(RecordStore):
-    """TFUtils' MongoDB layout (spec §4.1): ``<dbname>[<collname>.files]`` and ``<db>_<coll>_<exp>___RECENT``."""
-
-    def __init__(self, host: str, port: int, dbname: str, collname: str):
-        self.ckpt_db = open_db(f"mongodb://{host}:{port}/{dbname}")
-        self.client = self.ckpt_db.client
-        self.dbname, self.collname = dbname, collname
-        self.files = self.client[dbname][f"{collname}.files"]
-
-    def __repr__(self) -> str:
-        return f"MongoRecords({self.dbname}.{self.collname}.files)"
-
-    def insert(self, record: dict[str, Any]) -> Any:
-        return self.files.insert_one(dict(record)).inserted_id
-
-    def find(self, query: Mapping[str, Any], newest_first: bool = True, limit: int = 0) -> list[dict]:
-        order = -1 if newest_first else 1
-        return list(self.files.find(dict(query), sort=[("uploadDate", order), ("_id", order)], limit=limit))
-
-    def count(self, query: Mapping[str, Any]) -> int:
-        return self.files.count_documents(dict(query))
-
-    def _recent(self, exp_id: str):
-        name = "_".join([self.dbname, self.collname, exp_id, "__RECENT"])
-        if len(name) > 63:
-            return None  # MongoDB's limit; TFUtils E3 logged and skipped the cache
-        return self.client[name]["fs.files"]
-
-    def insert_recent(self, exp_id: str, record: dict[str, Any]) -> Any:
-        coll = self._recent(exp_id)
-        return None if coll is None else coll.insert_one(dict(record)).inserted_id
-
-    def recent(self, exp_id: str) -> list[dict]:
-        coll = self._recent(exp_id)
-        return [] if coll is None else list(coll.find({}, sort=[("uploadDate", 1), ("_id", 1)]))
-
-    def delete_recent(self, exp_id: str, record_id: Any) -> None:
-        coll = self._recent(exp_id)
-        if coll is not None:
-            coll.delete_one({"_id": record_id})
-
-    def put_items(self, record_id: Any, items: Mapping[str, Any]) -> None:
-        import gridfs
-
-        bucket = gridfs.GridFSBucket(self.client[self.dbname], bucket_name=self.collname)
-        bucket.upload_from_stream(f"{record_id}_fileitems", encode_items(items),
-                                  metadata=None)
-        # TFUtils put ``item_for`` on the file document itself (GridFS.put kwargs).
-        self.files.update_one({"filename": f"{record_id}_fileitems"},
-                              {"$set": {"item_for": record_id, "format": "ptutils-checkpoint/1"}})
-
-    def get_items(self, record_id: Any) -> dict[str, Any] | None:
-        import gridfs
-
-        doc = self.files.find_one({"item_for": record_id})
-        if doc is None:
-            return None
-        bucket = gridfs.GridFSBucket(self.client[self.dbname], bucket_name=self.collname)
-        return decode_items(bucket.open_download_stream(doc["_id"]).read())
-
-    def now(self) -> datetime.datetime:
-        return datetime.datetime.now(datetime.timezone.utc)
-
-
 class DBRecords(RecordStore):
     """The same documents through a DBInterface: collection ``<collname>`` and ``<collname>__RECENT``."""
 
@@ -321,6 +256,8 @@ def open_records(where: Mapping[str, Any], group: str = "save_params") -> Record
     if missing:
         raise ConfigError(f"{group}.{missing[0]}", "needed (with host, port, dbname, collname) unless 'db' gives a "
                                                   "ptutils database URL")
+    from ..backends.tfutils_mongo import MongoRecords  # pymongo only where TFUtils' MongoDB layout is asked for
+
     return MongoRecords(where["host"], int(where["port"]), where["dbname"], collname)
 
 
