@@ -26,6 +26,7 @@ Differences from TFUtils, on purpose (the README's "Coming from TFUtils" lists t
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -81,6 +82,21 @@ class _OneShot:
             raise DataError("the training data ran out (an iterator of batches yields each batch once)")
 
 
+LOADER_KEYS = ("batch_size", "shuffle", "num_workers", "seed", "shuffle_seed")
+"""``data_params`` keys that configure the DataLoader; ``func`` gets them only if it takes them by name."""
+
+
+def _data_kwargs(func: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` for a data ``func``: a TensorFlow provider took ``batch_size`` and such; a Dataset need not."""
+    try:
+        parameters = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(kwargs)
+    return {k: v for k, v in kwargs.items() if k not in LOADER_KEYS or k in parameters}
+
+
 class FuncProvider(DataProvider):
     """``data_params``: ``func(**kwargs)`` gives a Dataset of dict items, a DataProvider, or an iterable of batches.
 
@@ -89,7 +105,7 @@ class FuncProvider(DataProvider):
     """
 
     def __init__(self, spec: FuncSpec, *, batch_multiple: int = 1, seed: int = 0, field: str = "data_params"):
-        made = spec.func(**spec.kwargs)
+        made = spec.func(**_data_kwargs(spec.func, spec.kwargs))
         kw = spec.kwargs
         self.inner: DataProvider | None = made if isinstance(made, DataProvider) else None
         self.dataset = made if isinstance(made, torch.utils.data.Dataset) else None
