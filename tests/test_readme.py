@@ -29,6 +29,7 @@ RESUMING = block("Session.resume(cfg.db")
 FINDING = block('keep_best="val_loss", db=db')
 METRICS = block("trained.metric_history(")
 TUNING = block("Tuning(config, pbt")
+TFUTILS = block("train_from_params(**params)")
 
 
 def run_block(code: str) -> dict:
@@ -120,3 +121,12 @@ def test_tuning_runs_a_population_on_the_pool_and_finds_a_good_child(tmp_path):
     assert tuning.best()["score"] > 0.8
     assert tuning.lineage(tuning.best()["child"])[0]["from_t"] == 0
     assert any(r["action"] == "exploit" for r in tuning.rows())
+
+
+def test_a_tfutils_params_dict_trains_writes_its_records_and_validates(tmp_path, capsys):
+    code = TFUTILS.replace("file:///tmp/ptutils-tfutils", tmp_path.as_uri())
+    namespace: dict = {"__name__": "readme"}
+    exec(compile(code, "README.md", "exec"), namespace)
+    count, filters, summary = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert (count, filters) == ("9", "[0, 40, 80]")  # the README's comments
+    assert namespace["summary"][0]["val"]["top1"] > 0.9
