@@ -291,3 +291,21 @@ def test_clip_clamps_gradient_values(loc: dict) -> None:
         session.close()
     for store in args["dbinterface"]:
         store.close()
+
+
+def test_a_data_func_gets_the_loaders_keys_only_if_it_takes_them():
+    from ptutils.support.train import _data_kwargs
+
+    def dataset(group):  # a torch-style Dataset factory: the loader batches it
+        return group
+
+    def provider(group, batch_size):  # a TFUtils-style provider batching itself
+        return group, batch_size
+
+    def anything(**kwargs):
+        return kwargs
+
+    kwargs = {"group": "train", "batch_size": 32, "shuffle": True, "num_workers": 2}
+    assert _data_kwargs(dataset, kwargs) == {"group": "train"}
+    assert _data_kwargs(provider, kwargs) == {"group": "train", "batch_size": 32}
+    assert _data_kwargs(anything, kwargs) == kwargs
