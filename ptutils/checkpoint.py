@@ -344,10 +344,7 @@ class CheckpointStore:
         """
         parts = blob_parts(data)
         if self._next_seq is None:
-            stored = self.records()
-            self._next_seq = 0 if not stored else stored[0]["seq"] + 1
-            self._unpinned = [r for r in reversed(stored) if not r.get("pinned")]
-            self._best = best_checkpoint(stored, (self.keep_best, self.best_mode)) if self.keep_best else None
+            self._read_stored()
         seq = self._next_seq
         record_id = f"{self.session_id}.ckpt{seq:08d}"
         blob_id, digest = self.db.put_blob_sha256(parts, f"{record_id}.st")
@@ -373,6 +370,22 @@ class CheckpointStore:
             self._unpinned.append(record)
             self._prune()
         return record
+
+    def _read_stored(self) -> None:
+        """Learn the next sequence number, the unpinned records and the best one from what is stored."""
+        stored = self.records()
+        self._next_seq = 0 if not stored else stored[0]["seq"] + 1
+        self._unpinned = [r for r in reversed(stored) if not r.get("pinned")]
+        self._best = best_checkpoint(stored, (self.keep_best, self.best_mode)) if self.keep_best else None
+
+    def prune(self) -> None:
+        """Delete what the last ``keep`` (and the best) no longer need, held ones spared, from the stored records.
+
+        For a session that writes no more checkpoints (a finished tuning child whose
+        old checkpoint another child held until after its last prune).
+        """
+        self._read_stored()
+        self._prune()
 
     def _rank_of(self, metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
         """What ranks a checkpoint with ``metrics`` by ``keep_best`` (None: it does not take part)."""

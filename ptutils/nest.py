@@ -257,6 +257,7 @@ class Tuning:
                     session.pause(reason=self._interrupt)
                 elif session.state == "running":
                     self._write_summary()
+                    self._prune_children()
                     session.complete()
         except Exception as exc:
             if session.state in ("running", "paused"):
@@ -366,6 +367,15 @@ class Tuning:
             self.rows_db.update(row["_id"], {"$set": {"applied": True}})
         for child in self.children:
             release_holds(self._checkpoint_db(), child)
+
+    def _prune_children(self) -> None:
+        """Once every child has finished: drop checkpoints a hold kept beyond a donor's last prune."""
+        for child in self.children:
+            release_holds(self._checkpoint_db(), child)
+        kept = self.config.checkpoint
+        for child in self.children:
+            CheckpointStore(self._checkpoint_db(), child, keep=kept.keep, keep_best=kept.keep_best,
+                            best_mode=kept.best_mode).prune()
 
     def _checkpoint_db(self) -> DBInterface:
         """Where the children keep their checkpoints: beside their records, or the config's ``checkpoint.db``."""

@@ -61,6 +61,9 @@ def test_pbt_decides_every_round_and_the_recipients_continue_from_their_donors(t
             assert state["model"]["optimizer"]["param_groups"][0]["lr"] == lr
             assert record["state"] == "complete" and record["parent_id"] == t.id
         assert db.collection(HOLDS).count({}) == 0  # every clone has a checkpoint of its own after it
+        for child in t.children:  # and nothing a hold kept outlives the tuning: the last one (keep=1) and the pinned
+            unpinned = checkpoints.load({"session_id": child, "pinned": False})
+            assert len(unpinned) <= BASE["checkpoint"]["keep"]
         summary = t.session.record["tuning"]["summary"]
         assert summary["counts"] == {"complete": 4}
         assert summary["best"] == t.best() and summary["best"]["child"] in t.children
