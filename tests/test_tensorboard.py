@@ -214,7 +214,7 @@ def test_the_first_start_of_a_run_purges_nothing():
 @pytest.mark.parametrize("kill_at, options", [
     (8, []),  # checkpoint at 6: steps 7, 8 purged and run again
     (11, ["--no-epoch-checkpoints"]),  # checkpoint at 9: epoch 2's metrics (step 10) were written, then purged
-    (14, []),
+    (14, []),  # checkpoint at 12, mid-epoch 3
 ])
 def test_sigkill_mid_epoch_then_resume_shows_every_step_once(tmp_path, reference, kill_at, options):
     url, log_dir = (tmp_path / "db").as_uri(), str(tmp_path / "tb")
