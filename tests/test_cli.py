@@ -77,7 +77,7 @@ def cli_db(request, tmp_path_factory) -> str:
 def test_a_session_is_listed_paused_resumed_stopped_and_deleted_from_the_command_line(cli_db, tmp_path):
     brake = tmp_path / "brake"
     brake.touch()
-    config = write_config(tmp_path / "slow.toml", name="slow", epochs=20, sleep=0.25, brake=brake)
+    config = write_config(tmp_path / "slow.toml", name="slow", epochs=80, sleep=0.25, brake=brake)
     runner = start("--db", cli_db, "run", str(config), "--id", "live")
     try:
         wait_for(lambda: state_of(cli_db, "live") == "running" and session_record(cli_db, "live").step >= 1,
