@@ -15,6 +15,9 @@ import torch
 
 from ptutils import metadata
 from ptutils.metadata import code_dir, devices, git_state, process_token, run_metadata
+from ptutils.update import every_n_steps
+
+from .support.sessionkit import session
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs the git command")
 
@@ -237,3 +240,103 @@ def test_each_cuda_device_is_listed_with_its_name_and_memory(tmp_path):
         assert d["name"] == props.name and d["memory_total"] == props.total_memory > 0
         assert d["capability"] == f"{props.major}.{props.minor}"
     assert run_metadata(cwd=str(tmp_path))["cuda"]["cudnn"] == torch.backends.cudnn.version()
+
+
+# ---------------------------------------------------------------------- the session's record
+RUN_ENTRY_KEYS = {"attempt", "trigger", "time", "host", "pid", "process", "devices", "git"}
+
+
+@needs_git
+def test_a_sessions_record_has_the_run_metadata_of_its_start(url, repo, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [str(repo / "train.py"), "--epochs", "3"])  # as if run as the user's script
+    s = session(url, seed=11).run()
+    record = s.record
+    run = record["run"]
+    assert run["attempt"] == 1 and run["trigger"] == "start" and record["started"] == run["time"]
+    assert run["pid"] == os.getpid() and run["host"] == record["host"] == socket.gethostname()
+    assert run["seed"] == 11 and run["argv"] == [str(repo / "train.py"), "--epochs", "3"]
+    assert run["git"]["root"] == os.path.realpath(repo) and run["git"]["commit"] == git(repo, "rev-parse", "HEAD")
+    assert run["versions"]["torch"] == torch.__version__
+    (entry,) = record["runs"]
+    assert set(entry) == RUN_ENTRY_KEYS and entry["git"] == run["git"]
+    assert {k: entry[k] for k in ("attempt", "trigger", "time", "host", "pid", "process")} == \
+        {k: run[k] for k in ("attempt", "trigger", "time", "host", "pid", "process")}
+
+
+def test_a_pending_record_has_no_run_yet(url):
+    record = session(url).record
+    assert record["run"] is None and record["runs"] == []
+
+
+def test_a_resume_in_the_same_process_adds_no_run(url):
+    s = session(url, updates=[every_n_steps(4, "pause")])
+    s.run()
+    first = s.record["run"]
+    s.run()
+    assert s.state == "paused" and s.step == 8 and s.record["run"] == first
+    s.close()
+    again = session(url, session_id=s.id).run()  # a new Session object in the same process, as a PBT round
+    record = again.record
+    assert again.state == "complete" and record["run"] == first and len(record["runs"]) == 1
+
+
+def test_a_restarts_archived_attempt_keeps_its_own_run(url):
+    s = session(url).run()
+    first = s.record["run"]
+    s.restart()
+    record = s.record
+    assert record["run"] is None and record["attempt"] == 2
+    archived = s.db.collection("sessions").load_from_id(record["previous_attempt"])
+    assert archived["run"] == first and archived["runs"] == record["runs"]
+    assert record["history"][0]["runs"] == record["runs"] and record["history"][0]["runs"][0]["attempt"] == 1
+    s.run()
+    record = s.record
+    assert record["run"]["attempt"] == 2 and record["run"]["trigger"] == "start"
+    assert record["run"]["time"] > first["time"]
+    assert [r["attempt"] for r in record["runs"]] == [1, 2]
+    assert s.db.collection("sessions").load_from_id(record["previous_attempt"])["run"] == first
+
+
+def _resume_elsewhere(url: str, session_id: str) -> None:
+    session(url, session_id=session_id).run()
+
+
+def test_a_resume_in_another_process_records_its_own_run(url):
+    s = session(url, updates=[every_n_steps(4, "pause")])
+    s.run()
+    assert s.state == "paused"
+    s.close()
+    s.db.collection("sessions").update(s.id, {"$set": {"host": "elsewhere"}})  # as if started on another machine
+    proc = mp.get_context("spawn").Process(target=_resume_elsewhere, args=(url, s.id))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 0
+    record = s.db.collection("sessions").load_from_id(s.id)
+    assert record["state"] == "complete"
+    start, resume = record["runs"]
+    assert start["pid"] == os.getpid() and start["trigger"] == "start"
+    assert resume["pid"] == proc.pid != os.getpid() and resume["trigger"] == "resume" and resume["attempt"] == 1
+    assert resume["process"] != start["process"] and resume["time"] > start["time"]
+    assert record["run"]["pid"] == proc.pid and record["run"]["trigger"] == "resume"
+    assert record["host"] == socket.gethostname()  # the host follows the process that runs it
+
+
+def test_a_takeover_after_a_dead_process_records_the_resuming_process(url):
+    code = (
+        "import os\n"
+        "from ptutils.session import Session\n"
+        f"s = Session(None, db={url!r}, name='tuner', session_id='tuner-1', status_interval=0.05)\n"
+        "s.start()\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    from ptutils.session import Session
+
+    parent = Session(None, db=url, session_id="tuner-1")
+    dead = parent.record["run"]["pid"]
+    assert dead != os.getpid() and parent.record["run"]["argv"] == ["-c"]
+    assert parent.resume() and parent.complete()
+    record = parent.record
+    assert [(r["trigger"], r["pid"]) for r in record["runs"]] == [("start", dead), ("resume", os.getpid())]
+    assert record["run"]["pid"] == os.getpid()
