@@ -7,7 +7,9 @@
   before it takes effect; if that fails the transition is cancelled.  What a
   change records, and what must be durable before it (the pause checkpoint,
   the final one, the initial one of an attempt, the archive of the attempt a
-  restart ends), is declared per trigger in :data:`STEPS`.
+  restart ends), is declared per trigger in :data:`STEPS`.  A start, and a
+  resume in a new process, also record the run's metadata
+  (:mod:`ptutils.metadata`): the record's ``run``, and one entry in ``runs``.
 * :class:`Admission`: whether a pending session may start (its queue, its
   start conditions), with the blocking reason written to its record.
 * :func:`take_over`: the state a session continues from when its record
@@ -29,7 +31,8 @@ import attrs
 from transitions import MachineError
 from transitions.extensions.nesting import HierarchicalMachine
 
-from .errors import SessionError, TransitionError
+from .errors import SessionError, StorageError, TransitionError
+from .metadata import process_token, run_metadata, run_summary
 from .stages import SEP, Stage, StageState, StageTransition, machine_states, machine_transitions
 from .status import StatusWriter, is_stale
 
@@ -69,12 +72,17 @@ class StateOwner(Protocol):
     """
 
     id: str
+    seed: int
     error: dict[str, Any] | None
     outcome: str | None
     _pause_reason: str
 
     @property
     def state(self) -> str: ...
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def record(self) -> dict[str, Any]: ...
     @property
     def stage(self) -> str: ...
     @property
@@ -88,16 +96,38 @@ class StateOwner(Protocol):
     def _record_change(self, change: StateChange) -> None: ...
 
 
+def _record_run(change: StateChange, owner: StateOwner, now: float) -> None:
+    """Record which process, machine and code runs the attempt now: ``run`` in full, an entry in ``runs``.
+
+    ``host`` follows too, so a resume on another machine is not judged by its pid on the first one.
+    """
+    run = {"attempt": owner.attempt, "trigger": change.trigger, "time": now, **run_metadata(seed=owner.seed)}
+    change.fields.update(run=run, host=run["host"])
+    change.push["runs"] = run_summary(run)
+
+
+def _ran_here(owner: StateOwner) -> bool:
+    """Whether this process already recorded its run of the current attempt (a resume after a pause here)."""
+    try:
+        run = owner.record.get("run") or {}
+    except StorageError:
+        return False  # an outage: the resume's own write waits it out; an entry too many is harmless
+    return run.get("process") == process_token() and run.get("attempt") == owner.attempt
+
+
 def _start(change: StateChange, owner: StateOwner, now: float) -> None:
     change.initial = owner._begin_attempt()
     change.fields.update(started=now, blocked_by=None, queue_position=None, interrupted=False)
     change.fields["control.pause"] = False  # a request that reached a session not running is void
+    _record_run(change, owner, now)
 
 
 def _resume(change: StateChange, owner: StateOwner, now: float) -> None:
     owner.error = None
     change.fields.update(interrupted=False, pause_reason=None, error=None)
     change.fields["control.pause"] = False
+    if not _ran_here(owner):  # a resume in a new process (a crash, a PBT round, another host) says where it runs
+        _record_run(change, owner, now)
 
 
 def _pause(change: StateChange, owner: StateOwner, now: float) -> None:
@@ -117,6 +147,7 @@ def _finish(change: StateChange, owner: StateOwner, now: float) -> None:
 
 def _restart(change: StateChange, owner: StateOwner, now: float) -> None:
     owner._end_attempt(change)
+    change.fields["run"] = None  # the archived attempt keeps its run; the new one records its own at its start
 
 
 STEPS: dict[str, tuple[Callable[[StateChange, StateOwner, float], None], ...]] = {

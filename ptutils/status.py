@@ -131,7 +131,12 @@ def initial_record(
     config: Mapping[str, Any] | None,
     metadata: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The fields of a new session's record (``pending``); :meth:`StatusWriter.create` adds who and when."""
+    """The fields of a new session's record (``pending``); :meth:`StatusWriter.create` adds who and when.
+
+    ``metadata`` is the user's; ``run`` (what runs the attempt: versions, host, devices, command line, git)
+    and ``runs`` (one short entry per process that ran an attempt) are written at each start and at a
+    resume in a new process (:mod:`ptutils.metadata`).
+    """
     return {
         "name": name,
         "kind": "session",
@@ -160,6 +165,8 @@ def initial_record(
         "seed": seed,
         "config": config,
         "metadata": dict(metadata),
+        "run": None,
+        "runs": [],
         "control": {"pause": False},
     }
 
@@ -214,6 +221,7 @@ def archive_attempt(sessions: Any, session_id: str, attempt: int, record: Mappin
     sessions.save({**archived, "_id": archive_id, "kind": "attempt", "attempt_of": session_id})
     summary = {k: record.get(k) for k in ("attempt", "state", "outcome", "started", "finished", "step")}
     summary["error"] = (record.get("error") or {}).get("type") if record.get("error") else None
+    summary["runs"] = [r for r in record.get("runs") or () if r.get("attempt") == attempt]  # where it ran, which code
     summary["record"] = archive_id
     return summary
 
