@@ -100,7 +100,7 @@ def test_a_session_is_listed_paused_resumed_stopped_and_deleted_from_the_command
         if runner.poll() is None:
             runner.kill()
     shown = ok(cli("--db", cli_db, "show", "live"))
-    for section in ("Session live (slow)", "Attempts", "Metrics", "Checkpoints", "Config", "Metadata"):
+    for section in ("Session live (slow)", "Attempts", "Metrics", "Checkpoints", "Config", "Metadata", "Run"):
         assert section in shown
     assert "paused" in shown and "lunch" in shown and "pause" in shown  # the state, its reason, the pause checkpoint
 
@@ -195,9 +195,12 @@ def test_show_metrics_and_graph(stored, tmp_path):
             "graph": ("graph", "done"),
         }.items()}
     shown = ok(runs["show"].result())
-    for section in ("Session done (fast)", "Attempts", "Metrics", "Checkpoints", "Config", "Metadata"):
+    for section in ("Session done (fast)", "Attempts", "Metrics", "Checkpoints", "Config", "Metadata", "Run"):
         assert section in shown
     assert "train_loss" in shown and "model.optimizer.lr" in shown and "initial" in shown
+    import torch
+
+    assert f"/ {torch.__version__} /" in shown and "(pid " in shown  # the run metadata: what produced it
     doc = json.loads(ok(runs["json"].result()))
     assert doc["record"]["_id"] == "done" and doc["session"]["state"] == "complete"
     assert doc["checkpoints"] and doc["metric_history"]["train_loss"]

@@ -10,6 +10,7 @@ import time
 import tomllib
 import traceback
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, NoReturn, Optional
 
 import attrs
@@ -310,6 +311,37 @@ def show(
         out.pairs(F.flatten(meta))
     else:
         out.line("  none")
+    _show_runs(out, rec)
+
+
+def _show_runs(out: Any, rec: Mapping[str, Any]) -> None:
+    """What produced the attempt (``record["run"]``) and where each part of it ran (``record["runs"]``)."""
+    run = rec.get("run")
+    out.heading("Run")
+    if not isinstance(run, Mapping):
+        out.line("  not started")
+        return
+    versions = run.get("versions") or {}
+    git = run.get("git")
+    devices = run.get("devices") or []
+    pairs = [
+        ("host", f"{run.get('host')} (pid {run.get('pid')})"),
+        ("command", " ".join(str(a) for a in run.get("argv") or [])),
+        ("python / torch / ptutils", " / ".join(str(versions.get(k, "-")) for k in ("python", "torch", "ptutils"))),
+        ("devices", ", ".join(str(d.get("name")) for d in devices) or "cpu"),
+        ("seed", str(run.get("seed"))),
+    ]
+    if isinstance(git, Mapping):
+        dirty = f"dirty, diff sha256 {str(git.get('diff_sha256'))[:12]}" if git.get("dirty") else "clean"
+        pairs.append(("git", f"{str(git.get('commit'))[:12]} on {git.get('branch')} ({dirty})"))
+    else:
+        pairs.append(("git", "not a repository"))
+    out.pairs(pairs)
+    runs = rec.get("runs") or []
+    if len(runs) > 1:
+        out.table(["ATTEMPT", "TRIGGER", "TIME", "HOST", "PID"],
+                  [[str(r.get("attempt")), str(r.get("trigger")), F.when(r.get("time")), str(r.get("host")),
+                    str(r.get("pid"))] for r in runs], right={"ATTEMPT", "PID"})
 
 
 def _size(nbytes: Any) -> str:
