@@ -104,11 +104,7 @@ class ConfigChanges:
 
     def apply(self, model: Model) -> None:
         """Set what a checkpoint restore put back (the lr, the clipping) to the new values."""
-        for path, (_, new) in self.fields.items():
-            if path == "model.optimizer.lr":
-                model.set_lr(new)
-            elif path == "model.grad_clip":
-                model.grad_clip = new
+        apply_values(model, {path: new for path, (_, new) in self.fields.items()})
 
     def entry(self, *, attempt: int, stage: str, step: int) -> dict[str, Any]:
         """The record's ``config_changes`` entry: when the changes took effect, and each field's values."""
