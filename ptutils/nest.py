@@ -325,15 +325,16 @@ class Tuning:
             return self.rows_db.load({"parent": self.id, "round": rnd}, sort=[("order", 1)])
         rng = _rng_from(self._state["rng"])
         members = self._members(records)
+        earlier = self.rows()
         if isinstance(self.searcher, PBT):
             decisions = self.searcher.decide(members, rng)
         else:
-            history = self._history()
+            history = _history(earlier)
             for m in members:  # this round's scores count, as a pruner compares children at the same step
                 if m.score is not None:
                     history.setdefault(m.id, {})[m.t] = m.score
             decisions = self.searcher.decide(members, history)
-        ended = {r["child"] for r in self.rows() if r["action"] == "done"}  # a finished child's row is written once
+        ended = {r["child"] for r in earlier if r["action"] == "done"}  # a finished child's row is written once
         decisions = [d for d in decisions if d.child not in ended]
         rows = [self._row(rnd, i, d, records) for i, d in enumerate(decisions)]
         self.rows_db.save_many(rows)  # written before any of it takes effect
@@ -347,13 +348,6 @@ class Tuning:
             donor_ckpt = (records[decision.donor].get("last_checkpoint") or {}).get("id")
         return {**row, "_id": f"{self.id}.r{rnd:04d}.{decision.child}", "parent": self.id, "round": rnd,
                 "order": order, "donor_checkpoint": donor_ckpt, "applied": False, "time": time.time()}
-
-    def _history(self) -> dict[str, dict[int, float]]:
-        history: dict[str, dict[int, float]] = {}
-        for row in self.rows():
-            if row.get("score") is not None:
-                history.setdefault(row["child"], {})[int(row["t"])] = float(row["score"])
-        return history
 
     def _apply(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Put each decision into effect (each effect idempotent, marked applied when done)."""
@@ -571,10 +565,12 @@ class Tuning:
 
     def population(self) -> list[dict[str, Any]]:
         """One row per child now: id, state, step, score, generation and hyperparameter values."""
-        rows = self.rows()
+        return self._population(self._records(), self.rows())
+
+    def _population(self, records: Mapping[str, Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]) -> list[dict]:
         return [{"child": c, "state": r.get("state"), "step": r.get("step"), "score": _score(r, self.metric),
                  "generation": generation(rows, c), "values": dict(r["tuning"]["values"])}
-                for c, r in self._records().items()]
+                for c, r in records.items()]
 
     def table(self) -> str:
         """The population table as text."""
@@ -594,7 +590,7 @@ class Tuning:
         counts: dict[str, int] = {}
         for record in records.values():
             counts[str(record.get("state"))] = counts.get(str(record.get("state")), 0) + 1
-        population = self.population()
+        population = self._population(records, rows)
         self._write_state(summary={
             "counts": counts, "best": best(rows, self.mode), "population": population,
             "lineage": {c: lineage(rows, c) for c in records},
@@ -621,3 +617,12 @@ def _score(record: Mapping[str, Any], metric: str) -> float | None:
 
 def _done(record: Mapping[str, Any]) -> bool:
     return record.get("state") in FINISHED
+
+
+def _history(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[int, float]]:
+    """Each child's scores by step, from its decision rows (what an early-stopping rule compares)."""
+    history: dict[str, dict[int, float]] = {}
+    for row in rows:
+        if row.get("score") is not None:
+            history.setdefault(row["child"], {})[int(row["t"])] = float(row["score"])
+    return history
