@@ -10,8 +10,8 @@ A child is claimed before it runs: the record's ``owner`` is set by a
 guarded update (``expected_version``), refused while another live process
 holds it, and a task whose parent has since restarted (a new run token in the
 parent's record) does not run at all.  The record's ``owner`` is cleared when
-the round ends; its ``claims`` list logs every claim and release.  The database is the truth; the return value only says what
-happened.
+the round ends; its ``claims`` list logs every claim and release.  The
+database is the truth; the return value only says what happened.
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ class RayExecutor(Executor):
         self._started = False
         if not ray.is_initialized():
             ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
-                     log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": _python_path()}})
+                     log_to_driver=False)  # each task carries this process's sys.path (submit)
             self._started = True
         resources = ray.cluster_resources()
         self.capacity = max(1, int(resources.get("CPU", 1) // max(cpus_per_child, 1e-9)))
